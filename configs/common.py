@@ -1,0 +1,78 @@
+"""Pieces every experiment config shares: argument parsing, sizes, and the trainer block.
+
+A config file is `get_config(arg)` where `arg` is the text after the colon in
+`--config=configs/vit.py:fashion_mnist,smoke` (comma-separated words or key=value).
+"""
+
+import ml_collections
+
+from ponder import errors
+
+# ViT sizes: width, depth, heads (mlp = 4 x width). "seed" is the DendriticLiquid-ViT
+# document's baseline (4.77M parameters).
+VIT = {
+    "ti": dict(width=192, depth=12, heads=3),
+    "seed": dict(width=256, depth=6, heads=8),
+    "s": dict(width=384, depth=12, heads=6),
+}
+
+
+def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
+  """Parses "word,key=value" into a ConfigDict over `defaults`.
+
+  A bare word that names a boolean default sets it True; any other bare word is the
+  value of the `preset` default. Unknown keys raise ConfigError naming the valid ones.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for token in filter(None, (arg or "").split(",")):
+    key, sep, value = token.partition("=")
+    if not sep:
+      if isinstance(defaults.get(key), bool):
+        out[key] = True
+        continue
+      if "preset" not in defaults:
+        raise errors.unknown_key("config argument", key, defaults)
+      key, value = "preset", key
+    if key not in defaults:
+      raise errors.unknown_key("config argument", key, defaults)
+    kind = type(defaults[key])
+    out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+  return out
+
+
+def trainer(**overrides) -> dict:
+  """The train-loop block, identical in meaning across experiments."""
+  block = dict(
+      total_steps=1000,   # optimizer steps in the whole run
+      batch_size=128,     # global batch, split over the mesh's data axis
+      log_every=50,       # steps between JSONL/TensorBoard train metrics
+      eval_every=500,     # steps between evaluations (and at the end)
+      ckpt_every=500,     # steps between checkpoints (also on SIGTERM and at the end)
+      keep_ckpts=3,       # checkpoints kept on disk
+  )
+  block.update(overrides)
+  return block
+
+
+def optim(**overrides) -> dict:
+  """AdamW with linear warm-up and cosine decay, global-norm clipping (optax)."""
+  block = dict(
+      lr=1e-3,            # peak learning rate after warm-up
+      warmup_steps=100,   # linear warm-up from 0
+      min_lr_ratio=0.0,   # cosine decays to lr * min_lr_ratio
+      weight_decay=0.05,  # decoupled weight decay (not on biases and norms)
+      b1=0.9,             # Adam beta1
+      b2=0.999,           # Adam beta2
+      clip=1.0,           # global gradient-norm clip; 0 disables
+  )
+  block.update(overrides)
+  return block
+
+
+def mesh(**overrides) -> dict:
+  block = dict(
+      data=-1,            # devices on the batch axis; -1 = all that are left
+      model=1,            # devices on the parameter axis
+  )
+  block.update(overrides)
+  return block

@@ -1,0 +1,69 @@
+"""Baseline ViT classification (the DendriticLiquid-ViT study's baseline).
+
+  python -m train.main --config=configs/vit.py:fashion_mnist --workdir=runs/vit_fmnist
+Presets: digits (default), fashion_mnist, cifar10, cifar100. Add `smoke` for a
+seconds-long run on 2 CPU cores, `seed_size` for the seed document's exact model.
+"""
+
+import ml_collections
+
+from configs import common
+from ponder import errors
+
+# Per-dataset defaults: model size and the training budget that reaches the results in
+# WORKSPACE.md on 2 CPU cores (digits, fashion_mnist) or the seed's setting (cifar).
+PRESETS = {
+    "digits": dict(model=dict(patch=2, width=64, depth=4, heads=4),
+                   trainer=dict(total_steps=1500, batch_size=64, eval_every=500, ckpt_every=500),
+                   optim=dict(lr=1e-3, warmup_steps=100, weight_decay=0.05)),
+    "fashion_mnist": dict(model=dict(patch=4, width=128, depth=4, heads=4),
+                          trainer=dict(total_steps=7000, batch_size=128, eval_every=1000,
+                                       ckpt_every=1000),
+                          optim=dict(lr=1e-3, warmup_steps=300, weight_decay=0.05)),
+    "cifar10": dict(model=dict(patch=4, **common.VIT["seed"]),
+                    trainer=dict(total_steps=97_750, batch_size=128, eval_every=2000,
+                                 ckpt_every=2000),
+                    optim=dict(lr=1e-3, warmup_steps=2000, weight_decay=0.05)),
+    "cifar100": dict(model=dict(patch=4, **common.VIT["seed"]),
+                     trainer=dict(total_steps=97_750, batch_size=128, eval_every=2000,
+                                  ckpt_every=2000),
+                     optim=dict(lr=1e-3, warmup_steps=2000, weight_decay=0.05)),
+}
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, preset="digits", smoke=False, seed_size=False)
+  if arg.preset not in PRESETS:
+    raise errors.unknown_key("vit preset", arg.preset, PRESETS)
+  p = PRESETS[arg.preset]
+  c = ml_collections.ConfigDict()
+  c.task = "classification"       # train/tasks.py entry that builds the step functions
+  c.seed = 0                       # PRNG seed: init, data order, augmentation, dropout
+  c.model = dict(
+      name="vit",                  # models/<name>.py
+      patch=4,                     # patch side in pixels
+      width=256,                   # embedding width
+      depth=6,                     # Transformer blocks
+      heads=8,                     # attention heads
+      mlp_ratio=4.0,               # MLP hidden = mlp_ratio x width
+      qkv_bias=True,               # bias on the qkv projection (the seed's count has none)
+      dropout=0.0,                 # dropout on attention, MLP and embeddings
+  )
+  c.model.update(p["model"])
+  if arg.seed_size:
+    c.model.update(patch=4, qkv_bias=False, **common.VIT["seed"])
+  c.data = dict(
+      name=arg.preset,             # digits | fashion_mnist | mnist | cifar10 | cifar100
+      source="auto",               # auto | local | tfds | sklearn
+      data_dir="",                 # local directory in the standard layout ("" = defaults)
+      augment=True,                # crop/flip as fits the dataset
+  )
+  c.label_smoothing = 0.0          # cross-entropy label smoothing
+  c.trainer = common.trainer(**p["trainer"])
+  c.optim = common.optim(**p["optim"])
+  c.mesh = common.mesh()
+  if arg.smoke:
+    c.model.update(width=32, depth=1, heads=2)
+    c.trainer.update(total_steps=3, batch_size=8, log_every=1, eval_every=3, ckpt_every=2)
+    c.optim.update(warmup_steps=1)
+  return c

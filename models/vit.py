@@ -1,0 +1,117 @@
+"""Vision Transformer (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words").
+
+The baseline of the DendriticLiquid-ViT study: a class token, a learned position
+embedding, pre-LayerNorm blocks (Eq. 2-3 of the paper: z' = z + MSA(LN(z)),
+z = z' + MLP(LN(z'))) and a linear head on the final class token (Eq. 4).
+
+The seed configuration (embed 256, depth 6, heads 8, patch 4 on 32x32, 10 classes) has
+4,771,082 parameters with biases on the query/key/value projection, and 4,766,474
+(the seed's count) without: the difference is 6 blocks x 768 qkv biases. `qkv_bias`
+chooses.
+"""
+
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class MlpBlock(nn.Module):
+  """Two-layer MLP with GELU (the ViT MLP of Eq. 3)."""
+  hidden_dim: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    out_dim = x.shape[-1]
+    x = nn.Dense(self.hidden_dim, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.Dense(out_dim, name="fc2")(x)
+    return nn.Dropout(self.dropout, deterministic=not train)(x)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with one fused qkv projection.
+
+  `mask` ([batch, 1 or heads, q, k], True = may attend) lets derived models hide
+  dropped tokens; the baseline passes None.
+  """
+  num_heads: int
+  qkv_bias: bool = True
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, *, train: bool, mask: Optional[jnp.ndarray] = None):
+    b, n, d = x.shape
+    if d % self.num_heads:
+      raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
+    qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, name="qkv")(x)
+    q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 3, axis=2)
+    out = nn.dot_product_attention(
+        q[:, :, 0], k[:, :, 0], v[:, :, 0], mask=mask,
+        dropout_rate=self.dropout, deterministic=not train,
+        dropout_rng=self.make_rng("dropout") if train and self.dropout > 0 else None)
+    return nn.Dense(d, name="proj")(out.reshape(b, n, d))
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN Transformer block (Eq. 2-3)."""
+  num_heads: int
+  mlp_dim: int
+  qkv_bias: bool = True
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, *, train: bool, mask: Optional[jnp.ndarray] = None):
+    y = nn.LayerNorm(epsilon=1e-6, name="ln1")(x)
+    y = SelfAttention(self.num_heads, self.qkv_bias, self.dropout, name="attn")(
+        y, train=train, mask=mask)
+    x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
+    y = nn.LayerNorm(epsilon=1e-6, name="ln2")(x)
+    return x + MlpBlock(self.mlp_dim, self.dropout, name="mlp")(y, train=train)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patches, linearly projected (Eq. 1), plus class token and positions."""
+  patch: int
+  width: int
+
+  @nn.compact
+  def __call__(self, images):
+    b, h, w, _ = images.shape
+    if h % self.patch or w % self.patch:
+      raise ValueError(f"image {h}x{w} is not divisible into {self.patch}x{self.patch} patches")
+    x = nn.Conv(self.width, (self.patch, self.patch), strides=self.patch,
+                padding="VALID", name="proj")(images)
+    x = x.reshape(b, -1, self.width)
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)), x], axis=1)
+    pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
+                     (1, x.shape[1], self.width))
+    return x + pos
+
+
+class ViT(nn.Module):
+  """ViT classifier: patch embedding, `depth` pre-LN blocks, LayerNorm, linear head."""
+  num_classes: int
+  patch: int = 4
+  width: int = 256
+  depth: int = 6
+  heads: int = 8
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    x = PatchEmbed(self.patch, self.width, name="embed")(images)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    for i in range(self.depth):
+      x = EncoderBlock(self.heads, int(self.width * self.mlp_ratio), self.qkv_bias,
+                       self.dropout, name=f"block{i}")(x, train=train)
+    x = nn.LayerNorm(epsilon=1e-6, name="ln_final")(x)
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head")(x[:, 0])
+
+
+Model = ViT
