@@ -14,7 +14,7 @@ from ponder import errors
 # WORKSPACE.md on 2 CPU cores (digits, fashion_mnist) or the seed's setting (cifar).
 PRESETS = {
     "digits": dict(model=dict(patch=2, width=64, depth=4, heads=4),
-                   trainer=dict(total_steps=1500, batch_size=64, eval_every=500, ckpt_every=500),
+                   trainer=dict(total_steps=1000, batch_size=64, eval_every=500, ckpt_every=500),
                    optim=dict(lr=1e-3, warmup_steps=100, weight_decay=0.05)),
     "fashion_mnist": dict(model=dict(patch=4, width=128, depth=4, heads=4),
                           trainer=dict(total_steps=7000, batch_size=128, eval_every=1000,

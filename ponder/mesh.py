@@ -49,11 +49,19 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict:
-  """Places a host batch on the mesh, split over `data`.
+  """Places a global host batch on the mesh, split over `data`.
 
-  Each process passes its own slice of the global batch (multi-host via
-  `jax.distributed.initialize`); on one host that slice is the whole batch.
+  Every process computes the same global batch (the order is a pure function of seed and
+  step) and contributes its contiguous slice, so the same code runs on one host or many
+  (`jax.distributed.initialize`).
   """
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  n, i = jax.process_count(), jax.process_index()
+
+  def put(v):
+    v = np.asarray(v)
+    local = v.shape[0] // n
+    return jax.make_array_from_process_local_data(sharding, v[i * local:(i + 1) * local],
+                                                  v.shape)
+
+  return {k: put(v) for k, v in batch.items()}

@@ -1,0 +1,57 @@
+"""Every config: its smoke variant runs a real train step; bad arguments are clear errors."""
+
+import pathlib
+
+import numpy as np
+import pytest
+
+from configs import common
+from ponder import errors
+from tests import fakes
+from train import cli
+from train import trainer
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
+
+# config file -> the smoke arguments that cover its presets, and the tiny dataset
+# (in the real format) each preset reads, so no smoke test needs a download.
+SMOKE = {
+    "vit.py": {
+        "digits,smoke": None,
+        "fashion_mnist,smoke": lambda d: fakes.write_fashion_mnist(d),
+        "cifar10,smoke": lambda d: fakes.write_cifar(d, 10),
+        "cifar100,smoke": lambda d: fakes.write_cifar(d, 100),
+    },
+}
+
+
+def test_every_config_file_has_a_smoke_test():
+  files = {p.name for p in CONFIG_DIR.glob("*.py")} - {"__init__.py", "common.py"}
+  assert files == set(SMOKE), "add the new config's smoke arguments to SMOKE"
+
+
+@pytest.mark.parametrize("name,arg,make_data",
+                         [(f, a, m) for f, args in SMOKE.items() for a, m in args.items()])
+def test_smoke_config_runs_a_real_step(tmp_path, name, arg, make_data):
+  cfg = cli.load_config_file(f"{CONFIG_DIR / name}:{arg}")
+  if make_data is not None:
+    cfg.data.data_dir = str(make_data(tmp_path / "data"))
+    cfg.data.source = "local"
+  cfg.trainer.update(total_steps=1, log_every=1, eval_every=1, ckpt_every=1)
+  result = trainer.train_and_evaluate(cfg, str(tmp_path / "run"), echo=lambda s: None)
+  assert int(result["state"].step) == 1
+  assert np.isfinite(result["loss"])
+
+
+def test_parse_arg_words_and_values():
+  arg = common.parse_arg("cifar10,smoke,size=ti", preset="digits", smoke=False, size="s")
+  assert (arg.preset, arg.smoke, arg.size) == ("cifar10", True, "ti")
+  with pytest.raises(errors.ConfigError, match="valid: preset, size, smoke"):
+    common.parse_arg("colour=red", preset="digits", smoke=False, size="s")
+
+
+def test_config_overrides_are_checked_against_the_config():
+  cfg = cli.load_config_file(f"{CONFIG_DIR / 'vit.py'}:smoke")
+  cli.check_override(cfg, "optim.lr")
+  with pytest.raises(errors.ConfigError, match="valid keys there: .*warmup_steps"):
+    cli.check_override(cfg, "optim.warmup")
