@@ -20,6 +20,9 @@ from train import cli
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "jax_distributed", False, "Multi-host: call jax.distributed.initialize() first "
+    "(run the same command on every host).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -28,7 +31,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # jax logs backend probing at INFO.
   import jax  # After flag parsing, so --help is fast.
-  if "--jax_distributed" in sys.argv:  # Multi-host: every host runs the same command.
+  if _DISTRIBUTED.value:
     jax.distributed.initialize()
   from train import trainer
   try:
