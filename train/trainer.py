@@ -122,6 +122,42 @@ def evaluate(task: "tasks_lib.Task", eval_fn, params, mesh) -> dict:
   return task.summarize(jax.device_get(totals))
 
 
+def init_state(task: "tasks_lib.Task", tx, key) -> TrainState:
+  params = task.init(key)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise errors.MissingDataError(
+        f"{path} not found: is {workdir} the --workdir of a train.main run?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_run(workdir: str, **data_overrides):
+  """(cfg, task, params, step, mesh) of the newest checkpoint in a train.main workdir.
+
+  `data_overrides` change the data block (e.g. eval_split) before the task is built.
+  """
+  cfg = load_config(workdir)
+  cfg.data.update(data_overrides)
+  mesh = mesh_lib.make_mesh(**cfg.mesh)
+  task = tasks_lib.build(cfg, mesh)
+  tx, _ = make_optimizer(cfg.optim, cfg.trainer.total_steps)
+  repl = mesh_lib.replicated(mesh)
+  abstract = jax.eval_shape(functools.partial(init_state, task, tx), jax.random.key(0))
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
+                          abstract)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  state, step = ckpt.restore_latest(abstract)
+  ckpt.close()
+  if state is None:
+    raise errors.CheckpointError(f"no checkpoint under {workdir}/checkpoints; train first.")
+  return cfg, task, state.params, step, mesh
+
+
 def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -146,12 +182,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   repl, data_sh = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
   init_key, step_key = jax.random.split(jax.random.key(cfg.seed))
 
-  def init_state(key):
-    params = task.init(key)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params))
-
-  state = jax.jit(init_state, out_shardings=repl)(init_key)
+  state = jax.jit(functools.partial(init_state, task, tx), out_shardings=repl)(init_key)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                keep=cfg.trainer.keep_ckpts)
   restored, resumed_from = ckpt.restore_latest(ckpt_lib.abstract_like(state))

@@ -7,6 +7,8 @@ Sources (the `source` string of a config):
     lines stay, as in the word-level benchmarks (Merity et al. 2016).
   * "local:FILE" (or a bare file): one plain text file such as Tiny Shakespeare; "train"
     is its first 90% of tokens and "valid" the rest (the char-rnn/nanoGPT split).
+  * "builtin:NAME": a small text shipped in `ponder/data/assets/NAME.txt` (`smoke`), so
+    smoke configs run anywhere without a download or a data folder.
   * "tfds:NAME": a tfds text dataset with a `text` feature (e.g. `tiny_shakespeare`),
     read without TensorFlow through `tfds.data_source`.
 
@@ -29,6 +31,7 @@ from ponder import errors
 from ponder.data import tokenizers
 
 SPLITS = ("train", "valid", "test")
+_ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
 _SPLIT_FILES = ("{split}.txt", "wiki.{split}.tokens")
 _TFDS_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 
@@ -74,6 +77,32 @@ def _tfds_text(name: str, split: str, data_dir: Optional[str], download: bool) -
   return "".join(t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts)
 
 
+def _local_path(source: str) -> pathlib.Path:
+  if source.startswith("builtin:"):
+    path = _ASSETS / f"{source.removeprefix('builtin:')}.txt"
+    if not path.is_file():
+      known = sorted(p.stem for p in _ASSETS.glob("*.txt"))
+      raise errors.ConfigError(f"unknown text source {source!r}; builtin: {', '.join(known)}")
+    return path
+  return pathlib.Path(source.removeprefix("local:")).expanduser()
+
+
+def source_text(source: str) -> str:
+  """All the text of a local source (every split of a WikiText directory), e.g. to build
+  a character vocabulary that covers each split."""
+  if source.startswith("tfds:"):
+    return "".join(_tfds_text(source.removeprefix("tfds:"), s, None, True)
+                   for s in ("train", "valid", "test"))
+  path = _local_path(source)
+  if path.is_dir():
+    files = [wikitext_file(path, s) for s in SPLITS if any(
+        (path / f.format(split=s)).is_file() for f in _SPLIT_FILES)]
+    return "".join(f.read_text(encoding="utf-8") for f in files)
+  if not path.is_file():
+    raise errors.MissingDataError(f"text source {source!r}: {path} does not exist.")
+  return path.read_text(encoding="utf-8")
+
+
 def split_tokens(source: str, split: str, tokenizer: tokenizers.Tokenizer, *,
                  cache_dir: str | os.PathLike, valid_fraction: float = 0.1,
                  data_dir: Optional[str] = None, download: bool = True) -> np.ndarray:
@@ -92,7 +121,7 @@ def split_tokens(source: str, split: str, tokenizer: tokenizers.Tokenizer, *,
     name = source.removeprefix("tfds:")
     text = _tfds_text(name, split, data_dir, download)
     return tokenizers.encode_text(text, tokenizer, cache_dir, stem=f"{name}-{split}")
-  path = pathlib.Path(source.removeprefix("local:")).expanduser()
+  path = _local_path(source)
   if path.is_dir():
     return tokenizers.encode_corpus(wikitext_file(path, split), tokenizer, cache_dir)
   if not path.is_file():
