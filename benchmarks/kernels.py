@@ -19,10 +19,8 @@ One record per case, with backend, impl, seq, density, ms, dense_ms and speedup.
 """
 
 import functools
-import json
 import math
 import os
-import platform
 
 from absl import app
 from absl import flags
@@ -30,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from kernels import block_sparse_attention as bsa
 from kernels import ternary
 from ponder import ops
@@ -154,10 +153,7 @@ def main(argv):
   quick = _QUICK.value
   runs = 1 if quick else _RUNS.value
   result = dict(
-      machine=dict(backend=jax.default_backend(),
-                   device=jax.devices()[0].device_kind, cpus=os.cpu_count(),
-                   platform=platform.platform(), jax=jax.__version__,
-                   load_average=os.getloadavg()),
+      machine=common.machine(),
       attention=attention_records(QUICK_SEQS if quick else SEQS, _IMPL.value, runs,
                                   _WARMUP.value, _BLOCK.value),
       ternary=ternary_records(QUICK_TERNARY_SHAPE if quick else TERNARY_SHAPE,
@@ -167,10 +163,8 @@ def main(argv):
   for r in goal:
     print(f"goal: seq 2048 density 0.25 {r['mode']}: x{r['speedup']:.2f} vs dense "
           f"(target 2.5)")
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(result, f, indent=1)
-    print(f"wrote {_OUT.value}")
+  result["machine"]["load_average_end"] = os.getloadavg()
+  common.write_json(_OUT.value, result)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 One run, one machine, one model config, one batch, one optimizer: ponder's step is
 `jax.jit(partial(train.trainer.train_step, ...), donate_argnums=(0,))` exactly as the
-trainer builds it; PyTorch runs `benchmarks/torch_vit.py` (the same architecture, with
+trainer builds it (benchmarks/common.py); PyTorch runs `benchmarks/torch_vit.py` (the same architecture, with
 ponder's initial weights copied in) with `torch.optim.AdamW` on the same parameter
 groups, learning-rate schedule and global-norm clipping, eagerly and under
 `torch.compile`. Data is random and resident (no input pipeline on either side).
@@ -22,11 +22,8 @@ claim is set beside the compiled and analytic counts. The JSON's top level holds
 headline (first) config's numbers; `configs` holds every config in full.
 """
 
-import datetime
 import functools
-import json
 import os
-import platform
 import tempfile
 import time
 
@@ -37,11 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from configs import vit as vit_config
 from ponder import analysis
 from ponder import errors
 from train import tasks
-from train import trainer
 
 try:
   import torch
@@ -75,77 +72,17 @@ def _model_kwargs(cfg) -> dict:
   return {k: cfg.model[k] for k in ("patch", "width", "depth", "heads", "mlp_ratio", "qkv_bias")}
 
 
-def _ponder_step(cfg, model, params, batch):
-  """The trainer's jitted step as a no-argument callable that carries its donated state.
-
-  Returns (run, info); `run` leaves its last loss in info["final_loss"].
-  """
-  tx, schedule = trainer.make_optimizer(cfg.optim, cfg.trainer.total_steps)
-  loss_fn = functools.partial(tasks.classification_loss, model=model,
-                              label_smoothing=cfg.label_smoothing)
-  step_fn = jax.jit(functools.partial(trainer.train_step, loss_fn=loss_fn, tx=tx,
-                                      schedule=schedule), donate_argnums=(0,))
-  state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=tx.init(params))
-  root = jax.random.key(cfg.seed)
-  start = time.perf_counter()
-  compiled = step_fn.lower(state, batch, root).compile()
-  info = dict(compile_s=time.perf_counter() - start,
-              train_flops_per_step_compiled=analysis.cost_of(compiled)["flops"])
-  step = 0
-
-  def run():
-    nonlocal state, step
-    state, metrics = compiled(state, batch, jax.random.fold_in(root, step))
-    step += 1
-    info["final_loss"] = metrics["loss"]
-    return state, metrics
-
-  return run, info
-
-
 def _torch_step(cfg, host_params, image_shape, num_classes, images, labels, *, compile,
                 total_steps):
-  """The same step in PyTorch (AdamW, same decay mask, schedule and clipping).
-
-  Returns (run, info) like `_ponder_step`; the first step runs here, untimed, because
-  under torch.compile it is the compilation (its time is info["first_step_s"]).
-  """
+  """The same ViT and step in PyTorch, eager or under torch.compile."""
   model = torch_vit.load_flax_params(
       torch_vit.ViT(num_classes=num_classes, image_size=image_shape[0],
                     channels=image_shape[2], **_model_kwargs(cfg)), host_params)
   forward = torch.compile(model) if compile else model
-  params = list(model.parameters())
-  o = cfg.optim
-  # ponder decays matrices and embeddings (ndim > 1), not biases and norms.
-  opt = torch.optim.AdamW(
-      [{"params": [p for p in params if p.ndim > 1], "weight_decay": o.weight_decay},
-       {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-      lr=o.lr, betas=(o.b1, o.b2), eps=1e-8)
-  _, schedule = trainer.make_optimizer(o, cfg.trainer.total_steps)
-  lrs = np.asarray(schedule(np.arange(total_steps)), np.float64).tolist()
   x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
   y = torch.from_numpy(labels.astype(np.int64))
-  info, step = {}, 0
-
-  def run():  # CPU torch returns finished tensors: nothing to sync.
-    nonlocal step
-    for group in opt.param_groups:
-      group["lr"] = lrs[step]
-    opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(forward(x), y)
-    loss.backward()
-    if o.clip > 0:
-      torch.nn.utils.clip_grad_norm_(params, o.clip)
-    opt.step()
-    step += 1
-    info["final_loss"] = loss.detach()
-    return loss
-
-  start = time.perf_counter()
-  run()
-  info["first_step_s"] = time.perf_counter() - start
-  return run, info
+  return common.torch_train_step(model, cfg, total_steps,
+                                 lambda: F.cross_entropy(forward(x), y))
 
 
 def _torch_matmul_peak(n: int = 2048) -> float:
@@ -180,7 +117,9 @@ def _run_preset(name: str, *, quick: bool, warmup: int, runs: int, peak: float) 
   print(f"[{name}] compiling ponder's jitted train step ...", flush=True)
   batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
   steps = {}
-  steps["ponder"], out["ponder"] = _ponder_step(cfg, model, params, batch)
+  loss_fn = functools.partial(tasks.classification_loss, model=model,
+                              label_smoothing=cfg.label_smoothing)
+  steps["ponder"], out["ponder"] = common.jitted_train_step(loss_fn, cfg, params, batch)
   out["ponder"]["train_flops_per_image_compiled"] = (
       out["ponder"].pop("train_flops_per_step_compiled") / batch_size)
   sides = [("torch_eager", False)] + ([] if quick else [("torch_compile", True)])
@@ -240,23 +179,10 @@ def _inference(model, host_params, image_shape, *, quick: bool) -> dict:
               images_per_s=result["items_per_s"])
 
 
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-  except OSError:  # Not Linux.
-    names = []
-  return names[0] if names else platform.processor() or platform.machine()
-
-
 def _machine(torch_threads: int) -> dict:
-  return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
-              cpu_count=os.cpu_count(), processor=_cpu_name(),
-              jax_version=jax.__version__, torch_version=torch.__version__,
-              torch_num_threads=torch_threads,
-              jax_threads="XLA default (all cores)", torch_compile_cache="cold (fresh dir)",
-              load_average_start=os.getloadavg())
+  return common.machine(torch_version=torch.__version__, torch_num_threads=torch_threads,
+                        jax_threads="XLA default (all cores)",
+                        torch_compile_cache="cold (fresh dir)")
 
 
 def _fmt(value, width: int, spec: str) -> str:
@@ -342,11 +268,7 @@ def main(argv):
     result = _run(["seed"] if quick else _PRESETS.value, quick=quick,
                   warmup=1 if quick else _WARMUP.value, runs=3 if quick else _RUNS.value)
   _print_summary(result)
-  if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      json.dump(result, f, indent=2)
-    print(f"wrote {_OUT.value}")
+  common.write_json(_OUT.value, result)
 
 
 if __name__ == "__main__":

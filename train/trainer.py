@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from ponder import checkpoint as ckpt_lib
+from ponder.analysis import plots
 from ponder import errors
 from ponder import logging as plog
 from ponder import mesh as mesh_lib
@@ -47,6 +48,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
   """AdamW with linear warm-up then cosine decay, and global-norm clipping.
 
   Weight decay applies to matrices and embeddings (ndim > 1), not to biases and norms.
+  `optim.lr_scales` (optional, {module-name prefix: factor}) scales the learning rate of
+  the parameters under such modules (see `scale_by_module`); absent or empty, no change.
   Returns (optax transformation, learning-rate schedule).
   """
   warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
@@ -58,7 +61,26 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
                    mask=decay_mask)
   if optim.clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim.clip), tx)
+  scales = dict(optim.get("lr_scales", None) or {})
+  if scales:
+    tx = optax.chain(tx, scale_by_module(scales))
   return tx, schedule
+
+
+def scale_by_module(scales: dict) -> optax.GradientTransformation:
+  """Multiplies the update of every parameter whose path has a module name starting with
+  a key of `scales` by that key's factor (the first key that matches).
+
+  After AdamW this is a per-module learning rate: AdamW's update, weight decay included,
+  is proportional to the learning rate.
+  """
+  def factor(path):
+    names = [str(getattr(k, "key", k)) for k in path]
+    return next((f for prefix, f in scales.items()
+                 if any(n.startswith(prefix) for n in names)), 1.0)
+
+  return optax.stateless(lambda updates, params: jax.tree_util.tree_map_with_path(
+      lambda path, u: u * factor(path), updates))
 
 
 def train_step(state: TrainState, batch, key, *, loss_fn: Callable, tx, schedule):
@@ -255,7 +277,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
     eval_metrics = evaluate(task, eval_fn, state.params, mesh)
     echo(f"Already at step {start} >= total_steps {total}; evaluated the checkpoint.")
   writer.close()
-  if eval_metrics and jax.process_index() == 0:
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-      json.dump({"step": int(state.step), **eval_metrics}, f, indent=2)
+  if jax.process_index() == 0:
+    if eval_metrics:
+      with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+        json.dump({"step": int(state.step), **eval_metrics}, f, indent=2)
+    plots.training_curves(plog.read_metrics(workdir), os.path.join(workdir, "curves.png"),
+                          title=f"{cfg.model.name} ({workdir})")
   return dict(eval_metrics, state=state, resumed_from=resumed_from)

@@ -176,3 +176,15 @@ def test_torch_peer_with_ponder_weights_gives_ponder_logits(config):
     torch_logits = peer(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
   chex.assert_trees_all_close(torch_logits, np.asarray(model.apply(params, images)),
                               atol=1e-4, rtol=0)
+
+
+def test_training_curves_draws_one_panel_per_metric(tmp_path):
+  rows = [dict(step=s, split="train", time=0.0, loss=1.0 / s, lr=1e-3, steps_per_s=5.0,
+               finite=True) for s in (1, 2, 3)]
+  rows.append(dict(step=3, split="eval", time=0.0, loss=0.5, perplexity=1.6, tokens=10))
+  path = tmp_path / "curves.png"
+  assert analysis.plots.training_curves(rows, str(path), title="t") == [
+      "loss", "lr", "perplexity"]
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert analysis.plots.training_curves([], str(tmp_path / "none.png")) == []
+  assert not (tmp_path / "none.png").exists()

@@ -41,6 +41,7 @@ def test_smoke_run_leaves_config_metrics_and_checkpoint(tmp_path):
   assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 3
   assert os.listdir(tmp_path / "tb")
   assert 0.0 <= result["accuracy"] <= 1.0 and result["examples"] == 360
+  assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
