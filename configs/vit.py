@@ -16,10 +16,12 @@ PRESETS = {
     "digits": dict(model=dict(patch=2, width=64, depth=4, heads=4),
                    trainer=dict(total_steps=1000, batch_size=64, eval_every=500, ckpt_every=500),
                    optim=dict(lr=1e-3, warmup_steps=100, weight_decay=0.05)),
-    "fashion_mnist": dict(model=dict(patch=4, width=128, depth=4, heads=4),
-                          trainer=dict(total_steps=7000, batch_size=128, eval_every=1000,
+    # Patch 7 (16 tokens) and width 64: ~170 ms a step of 128 images on 2 cores, which
+    # buys the ~20 epochs a from-scratch ViT needs within the 30-minute budget.
+    "fashion_mnist": dict(model=dict(patch=7, width=64, depth=6, heads=4),
+                          trainer=dict(total_steps=9500, batch_size=128, eval_every=1000,
                                        ckpt_every=1000),
-                          optim=dict(lr=1e-3, warmup_steps=300, weight_decay=0.05)),
+                          optim=dict(lr=2e-3, warmup_steps=500, weight_decay=0.05)),
     "cifar10": dict(model=dict(patch=4, **common.VIT["seed"]),
                     trainer=dict(total_steps=97_750, batch_size=128, eval_every=2000,
                                  ckpt_every=2000),
