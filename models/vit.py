@@ -15,6 +15,8 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ponder.nn import token_pruning
+
 
 class MlpBlock(nn.Module):
   """Two-layer MLP with GELU (the ViT MLP of Eq. 3)."""
@@ -35,38 +37,46 @@ class SelfAttention(nn.Module):
   """Multi-head self-attention with one fused qkv projection.
 
   `mask` ([batch, 1 or heads, q, k], True = may attend) lets derived models hide
-  dropped tokens; the baseline passes None.
+  dropped tokens; the baseline passes None. `policy` (a keep mask D [batch, n], soft or
+  straight-through hard) instead applies DynamicViT's masked softmax (Eq. 7-9 of Rao et
+  al. 2021, `ponder.nn.token_pruning.masked_attention`), through which D gets gradients;
+  that path has no attention dropout.
   """
   num_heads: int
   qkv_bias: bool = True
   dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x, *, train: bool, mask: Optional[jnp.ndarray] = None):
+  def __call__(self, x, *, train: bool, mask: Optional[jnp.ndarray] = None,
+               policy: Optional[jnp.ndarray] = None):
     b, n, d = x.shape
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
     qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, name="qkv")(x)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 3, axis=2)
-    out = nn.dot_product_attention(
-        q[:, :, 0], k[:, :, 0], v[:, :, 0], mask=mask,
-        dropout_rate=self.dropout, deterministic=not train,
-        dropout_rng=self.make_rng("dropout") if train and self.dropout > 0 else None)
+    if policy is not None:
+      out = token_pruning.masked_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], policy)
+    else:
+      out = nn.dot_product_attention(
+          q[:, :, 0], k[:, :, 0], v[:, :, 0], mask=mask,
+          dropout_rate=self.dropout, deterministic=not train,
+          dropout_rng=self.make_rng("dropout") if train and self.dropout > 0 else None)
     return nn.Dense(d, name="proj")(out.reshape(b, n, d))
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN Transformer block (Eq. 2-3)."""
+  """Pre-LN Transformer block (Eq. 2-3); `mask`/`policy` go to `SelfAttention`."""
   num_heads: int
   mlp_dim: int
   qkv_bias: bool = True
   dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x, *, train: bool, mask: Optional[jnp.ndarray] = None):
+  def __call__(self, x, *, train: bool, mask: Optional[jnp.ndarray] = None,
+               policy: Optional[jnp.ndarray] = None):
     y = nn.LayerNorm(epsilon=1e-6, name="ln1")(x)
     y = SelfAttention(self.num_heads, self.qkv_bias, self.dropout, name="attn")(
-        y, train=train, mask=mask)
+        y, train=train, mask=mask, policy=policy)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
     y = nn.LayerNorm(epsilon=1e-6, name="ln2")(x)
     return x + MlpBlock(self.mlp_dim, self.dropout, name="mlp")(y, train=train)

@@ -22,8 +22,16 @@ SMOKE = {
         "cifar10,smoke": lambda d: fakes.write_cifar(d, 10),
         "cifar100,smoke": lambda d: fakes.write_cifar(d, 100),
     },
+    "dendritic_liquid_vit.py": {
+        "fashion_mnist,smoke": lambda d: fakes.write_fashion_mnist(d),
+        "fashion_mnist,smoke,variant=dendritic_vit": lambda d: fakes.write_fashion_mnist(d),
+        "cifar10,smoke": lambda d: fakes.write_cifar(d, 10),
+    },
     # Smoke language models read the text shipped in the package (builtin:smoke).
     "gpt2_lm.py": {"wikitext2,smoke": None, "shakespeare,smoke": None},
+    # The synthetic preset generates its data; adaptive exercises PonderTTT's two passes.
+    "ttt_lm.py": {"synthetic,smoke": None, "synthetic,smoke,mode=adaptive": None,
+                  "wikitext2,smoke,k=2": None, "shakespeare,smoke,mode=skip": None},
 }
 
 

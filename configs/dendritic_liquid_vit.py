@@ -1,0 +1,97 @@
+"""DendriticLiquid-ViT and its Dendritic-ViT ablation (models/dendritic_liquid_vit.py).
+
+  python -m train.main --config=configs/dendritic_liquid_vit.py:cifar10 --workdir=runs/dlvit
+  python -m train.main --config=configs/dendritic_liquid_vit.py:cifar10,variant=dendritic_vit \
+      --workdir=runs/dvit
+Presets: fashion_mnist (default), cifar10, cifar100, with the baseline's model size and
+training budget (configs/vit.py), so the three models compare at equal cost. `variant`
+picks dendritic_liquid_vit (default) or dendritic_vit; `smoke` shrinks any of them to a
+seconds-long run. Distil from a trained baseline with
+--config.distill.teacher_workdir=runs/vit_cifar10 (same width, patch and images).
+
+Settings from the DendriticLiquid-ViT plan: gradient clipping 1.0, the CfC at half the
+learning rate (5e-4 vs 1e-3), Gumbel temperature 5 -> 0.1 over the first fifth of
+training (its "50 of 250 epochs"), soft masks for the first 2% ("5 of 250 epochs");
+DynamicViT's keep ratio 0.7 per stage and loss weights (2 ratio, 0.5 KL, 0.5 tokens).
+"""
+
+import ml_collections
+
+from configs import common
+from configs import vit as vit_config
+from ponder import errors
+
+PRESETS = ("fashion_mnist", "cifar10", "cifar100")
+VARIANTS = ("dendritic_liquid_vit", "dendritic_vit")
+# Pruning before these blocks: a quarter, half and three quarters of the depth, as
+# DynamicViT's blocks 3, 6, 9 of 12.
+STAGES = {6: (2, 3, 4), 12: (3, 6, 9)}
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, preset="fashion_mnist", variant="dendritic_liquid_vit",
+                         smoke=False)
+  if arg.preset not in PRESETS:
+    raise errors.unknown_key("dendritic_liquid_vit preset", arg.preset, PRESETS)
+  if arg.variant not in VARIANTS:
+    raise errors.unknown_key("dendritic_liquid_vit variant", arg.variant, VARIANTS)
+  p = vit_config.PRESETS[arg.preset]
+  liquid = arg.variant == "dendritic_liquid_vit"
+  total = p["trainer"]["total_steps"]
+  c = ml_collections.ConfigDict()
+  c.task = "classification"        # train/tasks.py entry that builds the step functions
+  c.seed = 0                        # PRNG seed: init, data order, augmentation, dropout, Gumbel
+  c.model = dict(
+      name=arg.variant,             # models/dendritic_liquid_vit.py class, via tasks.MODELS
+      patch=4,                      # patch side in pixels
+      width=256,                    # embedding width
+      depth=6,                      # Transformer blocks
+      heads=8,                      # attention heads
+      mlp_ratio=4.0,                # MLP hidden = mlp_ratio x width
+      qkv_bias=True,                # bias on the qkv projection
+      dropout=0.0,                  # dropout on attention, MLP and embeddings
+      num_branches=4,               # dendritic branches per gate (the seed: 4)
+      hidden_dim=64,                # hidden width of each dendritic branch (the seed: 64)
+  )
+  c.model.update(p["model"])
+  if liquid:
+    c.model.update(
+        cfc_mode="default",         # CfC update: default (Eq. 10) | no_gate | pure (Eq. 2)
+        cfc_backbone_units=128,     # width of the CfC's shared backbone layer
+        stages=STAGES[c.model.depth],  # block indices before which tokens are pruned
+        keep_ratio=0.7,             # rho: fraction of remaining patch tokens each stage keeps
+        anneal_steps=max(total // 5, 1),       # steps of Gumbel temperature annealing
+        soft_warmup_steps=total // 50,         # steps of soft masks before hard ones
+        temperature_start=5.0,      # Gumbel-softmax temperature at step 0
+        temperature_end=0.1,        # ... and from anneal_steps on
+    )
+  else:
+    c.model.scale_residual = False  # importance scales each token's residual update
+  c.data = dict(
+      name=arg.preset,              # fashion_mnist | cifar10 | cifar100
+      source="auto",                # auto | local | tfds
+      data_dir="",                  # local directory in the standard layout ("" = defaults)
+      augment=True,                 # crop/flip as fits the dataset
+  )
+  c.label_smoothing = 0.0           # cross-entropy label smoothing
+  if liquid:
+    c.keep_ratio_weight = 2.0       # weight of the keep-ratio loss (DynamicViT Eq. 13)
+  c.distill = dict(
+      teacher_workdir="",           # train.main workdir of a trained teacher ("" = no distillation)
+      kl_weight=0.5,                # weight of the KL to the teacher's logits (Eq. 12)
+      token_weight=0.5,             # weight of the final-token squared error (Eq. 11)
+      temperature=1.0,              # distillation softmax temperature
+  )
+  c.trainer = common.trainer(**p["trainer"])
+  c.optim = common.optim(**p["optim"])
+  c.optim.clip = 1.0                # global gradient-norm clip (the plan: required with CfC)
+  if liquid:
+    c.optim.lr_scales = {"cfc": 0.5}  # learning-rate factor per module-name prefix
+  c.mesh = common.mesh()
+  if arg.smoke:
+    c.model.update(width=32, depth=2, heads=2, hidden_dim=8)
+    if liquid:
+      c.model.update(stages=(1,), cfc_backbone_units=16, anneal_steps=2, soft_warmup_steps=1)
+    c.trainer.update(total_steps=3, batch_size=8, log_every=1, eval_every=3, ckpt_every=2)
+    c.optim.update(warmup_steps=1)
+  return c

@@ -1,0 +1,242 @@
+"""DendriticLiquid-ViT: dendritic token importance, a CfC liquid state across depth, and
+DynamicViT token pruning, on the ViT of `models/vit.py`.
+
+The study (the DendriticLiquid-ViT plan in ../shared/seeds/000_*.txt) combines three
+published pieces, each a tested block in `ponder/nn/`:
+
+  * dendritic gating (Chavlis & Poirazi 2025): `DendriticGate`, token importance
+    a_n = sigmoid(max_k branch_k(x_n)) in (0, 1), branch biases +2 so a_n ~ 0.88 at init;
+  * closed-form continuous-time cells (Hasani et al. 2022, Eq. 10 of the Nature MI
+    article): `CfCCell`, h' = CfC(x, h, t);
+  * DynamicViT (Rao et al. 2021): `TokenPredictor` (Eq. 1-5), `keep_decision`
+    (Gumbel-softmax with straight-through gradient, Eq. 6), masked attention
+    (Eq. 7-9, through `models.vit.SelfAttention(policy=...)`) and, at inference,
+    `select_tokens` (top-k gather, Sec. 3.4).
+
+Two models, both with the constructor fields of `vit.ViT` and the same parameter names
+for the shared parts (`embed`, `block{l}`, `ln_final`, `head`), so a ViT's parameters
+are a subset of theirs:
+
+`DendriticViT` (the plan's ablation). Before every block l a gate scores the tokens,
+a^l = DendriticGate_l(z^{l-1}) [batch, n]. Nothing is pruned. The importances are
+returned (`return_aux=True`) and, with `scale_residual=True`, scale each token's
+residual update,
+
+    z^l = z^{l-1} + a^l (Block_l(z^{l-1}) - z^{l-1})       (class token: a = 1),
+
+so Block_l's two residual branches (ViT Eq. 2-3) are both weighted by a^l. With
+`scale_residual=False` it computes exactly the ViT.
+
+`DendriticLiquidViT`. Three additions to the ViT, at the blocks named in `stages`
+(DynamicViT prunes before blocks 3, 6, 9 of 12):
+
+  1. Keep logits. At stage s, before block l = stages[s], the DynamicViT predictor
+     gives two logits per token, pi = TokenPredictor(z^{l-1}, D^{s-1}) (Eq. 1-5), and
+     the dendritic gate an importance a = DendriticGate(z^{l-1}). They are combined as a
+     product of experts on the keep odds: the gate's log-odds are added to the keep
+     logit,
+         pi'_{n,keep} = pi_{n,keep} + log(a_n / (1 - a_n)),  pi'_{n,drop} = pi_{n,drop},
+     so P(keep) = sigmoid(pi_keep - pi_drop + logit a_n), i.e. odds_pred x odds_gate.
+     With the gate's +2 bias every token starts with keep odds ~ e^2 x those of the
+     predictor: pruning starts gently, as the plan's "positive bias" note asks.
+  2. Training (train=True) samples D^s = GumbelSoftmax(pi')_keep * D^{s-1} (Eq. 6):
+     a hard 0/1 mask with the straight-through gradient of the soft sample after
+     `soft_warmup_steps`, the soft sample before (the plan's soft warm-up); the Gumbel
+     temperature anneals from `temperature_start` to `temperature_end` over
+     `anneal_steps` (`gumbel_temperature`). The blocks from the stage on attend with the
+     policy G_ij = 1 if i = j else D_j (Eq. 8-9): dropped tokens are ignored by the
+     others, each token still attends to itself, the class token is always kept. With
+     `step=None` the schedules are at their end (hard masks, final temperature). The
+     Gumbel noise draws from the "dropout" rng stream.
+     Inference (train=False) really removes tokens: `select_tokens` keeps the class token
+     and the top ceil(keep_ratio x (n - 1)) tokens by keep score pi'_keep - pi'_drop, a
+     static count, so every later block runs on fewer tokens and the compiled FLOPs fall.
+     After S stages about keep_ratio^S of the patch tokens remain, the targets of the
+     keep-ratio loss (Eq. 13, `keep_ratio_targets`).
+  3. Liquid state across depth. One CfC cell (shared by all blocks, as a liquid network
+     shares its cell across time) carries a per-token state h through depth:
+         y^l = Block_l(z^{l-1}),   h^l = CfC(y^l, h^{l-1}, t_l),   z^l = y^l + W^l_out h^l,
+     with h^0 = 0 and depth time t_l = (l + 1) / depth, the "normalised layer time" of
+     `ponder/nn/cfc.py` (the gate sigma(W_a z t + W_b z) opens further in later blocks).
+     Chosen over the per-token importance time because the importance exists only at
+     the pruning stages. W^l_out starts at zero, so at init (and with W_out forced to
+     zero: the "neutral" gate) the liquid path adds nothing and the model is the pruned
+     ViT; CfC parameters live under `cfc` (a lower learning rate, `optim.lr_scales`).
+     Pruned tokens' states are gathered with the tokens.
+
+`__call__(images, *, train, step=None, return_aux=False)` returns logits, or
+(logits, aux) with aux:
+  "importance": per stage (DendriticViT: per block) [batch, n_stage] gate outputs;
+  "keep_masks": per stage [batch, n] masks D^s (training; empty at inference);
+  "num_tokens": tokens (class token included) entering each stage's block;
+  "final_tokens": [batch, n_final, width] after the final LayerNorm (token distillation,
+    Eq. 11, in training where n_final = n).
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from models import vit
+from ponder import errors
+from ponder.nn import cfc as cfc_lib
+from ponder.nn import dendrites
+from ponder.nn import token_pruning
+
+_EPS = 1e-6  # Importance clipped to [eps, 1 - eps] before its log-odds.
+
+
+def _head(num_classes, x):
+  x = nn.LayerNorm(epsilon=1e-6, name="ln_final")(x)
+  logits = nn.Dense(num_classes, kernel_init=nn.initializers.zeros, name="head")(x[:, 0])
+  return logits, x
+
+
+class DendriticViT(nn.Module):
+  """ViT with a `DendriticGate` before every block; nothing pruned (the ablation).
+
+  Fields as `vit.ViT`, plus: num_branches, hidden_dim (of each gate; the seed: 4, 64),
+  scale_residual (the importance scales each token's residual update; class token 1).
+  """
+  num_classes: int
+  patch: int = 4
+  width: int = 256
+  depth: int = 6
+  heads: int = 8
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  dropout: float = 0.0
+  num_branches: int = 4
+  hidden_dim: int = 64
+  scale_residual: bool = False
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False, step=None, return_aux: bool = False):
+    del step  # No schedule; accepted so every model of this file is called alike.
+    x = vit.PatchEmbed(self.patch, self.width, name="embed")(images)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    importances = []
+    for l in range(self.depth):
+      a = dendrites.DendriticGate(self.num_branches, self.hidden_dim, name=f"gate{l}")(x)
+      importances.append(a)
+      y = vit.EncoderBlock(self.heads, int(self.width * self.mlp_ratio), self.qkv_bias,
+                           self.dropout, name=f"block{l}")(x, train=train)
+      if self.scale_residual:
+        a = a.at[:, 0].set(1.0)  # The class token's update is never damped.
+        y = x + a[..., None] * (y - x)
+      x = y
+    logits, final = _head(self.num_classes, x)
+    if not return_aux:
+      return logits
+    n = x.shape[1]
+    return logits, {"importance": importances, "keep_masks": [],
+                    "num_tokens": [n] * self.depth, "final_tokens": final}
+
+
+class DendriticLiquidViT(nn.Module):
+  """Dendritic importance + DynamicViT pruning at `stages` + a CfC state across depth.
+
+  Fields as `vit.ViT`, plus:
+    num_branches, hidden_dim: each stage's `DendriticGate`.
+    cfc_mode, cfc_backbone_units: the shared `CfCCell` ("default" | "no_gate" | "pure").
+    stages: block indices before which tokens are pruned (0 <= s < depth, increasing).
+    keep_ratio: rho, the fraction of the remaining patch tokens each stage keeps.
+    anneal_steps: Gumbel temperature goes temperature_start -> temperature_end over these.
+    soft_warmup_steps: steps of soft (relaxed) masks before hard straight-through ones.
+    temperature_start, temperature_end: the Gumbel-softmax temperatures (plan: 5 -> 0.1).
+  """
+  num_classes: int
+  patch: int = 4
+  width: int = 256
+  depth: int = 6
+  heads: int = 8
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  dropout: float = 0.0
+  num_branches: int = 4
+  hidden_dim: int = 64
+  cfc_mode: str = "default"
+  cfc_backbone_units: int = 128
+  stages: Sequence[int] = (1, 3, 5)
+  keep_ratio: float = 0.7
+  anneal_steps: int = 10_000
+  soft_warmup_steps: int = 1_000
+  temperature_start: float = 5.0
+  temperature_end: float = 0.1
+
+  # train/tasks.py passes the optimizer step (for the schedules) to models that say so.
+  needs_step = True
+
+  def keep_ratio_targets(self) -> tuple:
+    """Target kept fraction of the patch tokens after each stage (rho, rho^2, ...)."""
+    return token_pruning.keep_ratio_targets(self.keep_ratio, len(self.stages))
+
+  def _check(self):
+    stages = tuple(self.stages)
+    if list(stages) != sorted(set(stages)) or any(not 0 <= s < self.depth for s in stages):
+      raise errors.ConfigError(
+          f"stages {stages} must be increasing block indices in [0, depth={self.depth})")
+    if not 0.0 < self.keep_ratio <= 1.0:
+      raise errors.ConfigError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+    return stages
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False, step=None, return_aux: bool = False):
+    stages = self._check()
+    if step is None:  # The trained model: schedules at their end.
+      temperature, hard = self.temperature_end, True
+    else:
+      temperature = token_pruning.gumbel_temperature(
+          step, anneal_steps=max(self.anneal_steps, 1), start=self.temperature_start,
+          end=self.temperature_end)
+      hard = token_pruning.use_hard_mask(step, soft_warmup_steps=self.soft_warmup_steps)
+    x = vit.PatchEmbed(self.patch, self.width, name="embed")(images)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    b, n, _ = x.shape
+    mask = jnp.ones((b, n), x.dtype)  # D^0: everything kept.
+    h = jnp.zeros_like(x)  # Liquid state h^0.
+    cell = cfc_lib.CfCCell(self.width, self.cfc_backbone_units, mode=self.cfc_mode, name="cfc")
+    importances, masks, num_tokens = [], [], []
+    for l in range(self.depth):
+      if l in stages:
+        s = stages.index(l)
+        a = dendrites.DendriticGate(self.num_branches, self.hidden_dim, name=f"gate{s}")(x)
+        importances.append(a)
+        pi = token_pruning.TokenPredictor(name=f"predictor{s}")(x, mask)  # Eq. 1-5.
+        a = jnp.clip(a, _EPS, 1.0 - _EPS)
+        pi = pi.at[..., token_pruning.KEEP].add(jnp.log(a) - jnp.log1p(-a))  # Odds product.
+        if train:
+          mask = token_pruning.keep_decision(pi, mask, self.make_rng("dropout"),
+                                             temperature=temperature, hard=hard)  # Eq. 6.
+          masks.append(mask)
+        else:
+          score = pi[..., token_pruning.KEEP] - pi[..., 1 - token_pruning.KEEP]
+          xh = token_pruning.select_tokens(jnp.concatenate([x, h], -1), score,
+                                           self.keep_ratio)
+          x, h = jnp.split(xh, 2, axis=-1)
+          mask = jnp.ones(x.shape[:2], x.dtype)
+        num_tokens.append(x.shape[1])
+      policy = mask if train and masks else None  # Eq. 7-9 once anything can be dropped.
+      y = vit.EncoderBlock(self.heads, int(self.width * self.mlp_ratio), self.qkv_bias,
+                           self.dropout, name=f"block{l}")(x, train=train, policy=policy)
+      h = cell(y, h, (l + 1) / self.depth)
+      x = y + nn.Dense(self.width, kernel_init=nn.initializers.zeros, name=f"liquid_out{l}")(h)
+    logits, final = _head(self.num_classes, x)
+    if not return_aux:
+      return logits
+    return logits, {"importance": importances, "keep_masks": masks,
+                    "num_tokens": num_tokens, "final_tokens": final}
+
+
+def kept_tokens(num_tokens: int, keep_ratio: float, num_stages: int) -> list:
+  """Tokens (class token included) left after each inference stage, as `select_tokens`
+  counts them: a static function of the image size and the config."""
+  out = []
+  for _ in range(num_stages):
+    num_tokens = 1 + token_pruning.num_kept(num_tokens, keep_ratio)
+    out.append(num_tokens)
+  return out
+
+
+Model = DendriticLiquidViT

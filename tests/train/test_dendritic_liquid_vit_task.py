@@ -1,0 +1,87 @@
+"""The classification task with DendriticLiquid-ViT: the step reaches the model, the
+keep-ratio and distillation terms join the loss, per-module learning rates."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from configs import common
+from ponder import mesh as mesh_lib
+from tests import fakes
+from train import cli
+from train import tasks
+from train import trainer
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
+
+
+def _config(arg, data_dir):
+  cfg = cli.load_config_file(f"{CONFIGS / 'dendritic_liquid_vit.py'}:{arg}")
+  cfg.data.update(data_dir=str(data_dir), source="local")
+  return cfg
+
+
+def _loss(task, params, batch, key):
+  return jax.jit(lambda p, b, k: task.loss_fn(p, b, k, train=True))(params, batch, key)
+
+
+def test_step_and_keep_ratio_loss_reach_the_model(tmp_path):
+  data = fakes.write_fashion_mnist(tmp_path / "data")
+  cfg = _config("fashion_mnist,smoke", data)
+  task = tasks.build(cfg, mesh_lib.make_mesh())
+  batch = task.train_batch(5)
+  assert np.all(batch["step"] == 5) and batch["step"].shape == batch["label"].shape
+  params = task.init(jax.random.key(0))
+  loss, metrics = _loss(task, params, batch, jax.random.key(1))
+  assert set(metrics) >= {"accuracy", "cross_entropy", "keep_ratio_loss", "kept_stage0"}
+  expected = metrics["cross_entropy"] + cfg.keep_ratio_weight * metrics["keep_ratio_loss"]
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  # The ablation has no step and no extra terms: the plain classification loss.
+  vcfg = _config("fashion_mnist,smoke,variant=dendritic_vit", data)
+  vtask = tasks.build(vcfg, mesh_lib.make_mesh())
+  assert "step" not in vtask.train_batch(0)
+  _, vmetrics = _loss(vtask, vtask.init(jax.random.key(0)), vtask.train_batch(0),
+                      jax.random.key(1))
+  assert set(vmetrics) == {"accuracy"}
+
+
+def test_distillation_from_a_trained_baseline(tmp_path):
+  data = fakes.write_fashion_mnist(tmp_path / "data")
+  teacher = cli.load_config_file(f"{CONFIGS / 'vit.py'}:fashion_mnist,smoke")
+  teacher.data.update(data_dir=str(data), source="local")
+  teacher.trainer.update(total_steps=1, eval_every=1, ckpt_every=1)
+  trainer.train_and_evaluate(teacher, str(tmp_path / "teacher"), echo=lambda s: None)
+  cfg = _config("fashion_mnist,smoke", data)
+  cfg.distill.teacher_workdir = str(tmp_path / "teacher")
+  task = tasks.build(cfg, mesh_lib.make_mesh())
+  params = task.init(jax.random.key(0))
+  loss, metrics = _loss(task, params, task.train_batch(0), jax.random.key(1))
+  # The student's head starts at zero (uniform logits); the teacher's has trained one step.
+  assert float(metrics["distill_kl"]) > 0.0 and float(metrics["distill_tokens"]) > 0.0
+  expected = (metrics["cross_entropy"] + cfg.keep_ratio_weight * metrics["keep_ratio_loss"]
+              + cfg.distill.kl_weight * metrics["distill_kl"]
+              + cfg.distill.token_weight * metrics["distill_tokens"])
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  grads = jax.grad(lambda p: task.loss_fn(p, task.train_batch(0), jax.random.key(1),
+                                          train=True)[0])(params)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
+def test_lr_scales_scale_the_updates_of_named_modules():
+  params = {"cfc": {"kernel": jnp.ones((2, 2))}, "block0": {"kernel": jnp.ones((2, 2))}}
+  grads = jax.tree.map(lambda p: 0.3 * p, params)
+  optim = ml_collections.ConfigDict(common.optim(lr=1e-2, warmup_steps=0))
+
+  def first_update(o):
+    tx, _ = trainer.make_optimizer(o, total_steps=10)
+    return tx.update(grads, tx.init(params), params)[0]
+
+  plain = first_update(optim)
+  optim.lr_scales = {"cfc": 0.5}
+  scaled = first_update(optim)
+  np.testing.assert_allclose(scaled["cfc"]["kernel"], 0.5 * plain["cfc"]["kernel"], rtol=1e-6)
+  np.testing.assert_allclose(scaled["block0"]["kernel"], plain["block0"]["kernel"])
+  assert float(jnp.abs(plain["cfc"]["kernel"]).min()) > 0.0
