@@ -93,20 +93,12 @@ def _head(num_classes, x):
   return logits, x
 
 
-class DendriticViT(nn.Module):
+class DendriticViT(vit.ViT):
   """ViT with a `DendriticGate` before every block; nothing pruned (the ablation).
 
-  Fields as `vit.ViT`, plus: num_branches, hidden_dim (of each gate; the seed: 4, 64),
+  Inherits `vit.ViT`'s fields (its __call__ is replaced), plus: num_branches, hidden_dim (of each gate; the seed: 4, 64),
   scale_residual (the importance scales each token's residual update; class token 1).
   """
-  num_classes: int
-  patch: int = 4
-  width: int = 256
-  depth: int = 6
-  heads: int = 8
-  mlp_ratio: float = 4.0
-  qkv_bias: bool = True
-  dropout: float = 0.0
   num_branches: int = 4
   hidden_dim: int = 64
   scale_residual: bool = False
@@ -134,10 +126,10 @@ class DendriticViT(nn.Module):
                     "num_tokens": [n] * self.depth, "final_tokens": final}
 
 
-class DendriticLiquidViT(nn.Module):
+class DendriticLiquidViT(vit.ViT):
   """Dendritic importance + DynamicViT pruning at `stages` + a CfC state across depth.
 
-  Fields as `vit.ViT`, plus:
+  Inherits `vit.ViT`'s fields (its __call__ is replaced), plus:
     num_branches, hidden_dim: each stage's `DendriticGate`.
     cfc_mode, cfc_backbone_units: the shared `CfCCell` ("default" | "no_gate" | "pure").
     stages: block indices before which tokens are pruned (0 <= s < depth, increasing).
@@ -146,14 +138,6 @@ class DendriticLiquidViT(nn.Module):
     soft_warmup_steps: steps of soft (relaxed) masks before hard straight-through ones.
     temperature_start, temperature_end: the Gumbel-softmax temperatures (plan: 5 -> 0.1).
   """
-  num_classes: int
-  patch: int = 4
-  width: int = 256
-  depth: int = 6
-  heads: int = 8
-  mlp_ratio: float = 4.0
-  qkv_bias: bool = True
-  dropout: float = 0.0
   num_branches: int = 4
   hidden_dim: int = 64
   cfc_mode: str = "default"
