@@ -54,6 +54,17 @@ def trainer(**overrides) -> dict:
   return block
 
 
+def with_steps(preset_trainer: dict, steps: int) -> dict:
+  """A preset's trainer overrides with its length replaced by `steps` (0 = keep it):
+  four evaluations and checkpoints over the run, so a shortened run still has a curve."""
+  if not steps:
+    return dict(preset_trainer)
+  if steps < 0:
+    raise errors.ConfigError(f"steps must be >= 0, got {steps}")
+  every = max(steps // 4, 1)
+  return dict(preset_trainer, total_steps=steps, eval_every=every, ckpt_every=every)
+
+
 def optim(**overrides) -> dict:
   """AdamW with linear warm-up and cosine decay, global-norm clipping (optax)."""
   block = dict(

@@ -6,7 +6,8 @@
 Presets: fashion_mnist (default), cifar10, cifar100, with the baseline's model size and
 training budget (configs/vit.py), so the three models compare at equal cost. `variant`
 picks dendritic_liquid_vit (default) or dendritic_vit; `smoke` shrinks any of them to a
-seconds-long run. Distil from a trained baseline with
+seconds-long run; `steps=N` trains N steps instead of the preset's (the schedules below
+scale with it). Distil from a trained baseline with
 --config.distill.teacher_workdir=runs/vit_cifar10 (same width, patch and images).
 
 Settings from the DendriticLiquid-ViT plan: gradient clipping 1.0, the CfC at half the
@@ -26,18 +27,24 @@ VARIANTS = ("dendritic_liquid_vit", "dendritic_vit")
 # Pruning before these blocks: a quarter, half and three quarters of the depth, as
 # DynamicViT's blocks 3, 6, 9 of 12.
 STAGES = {6: (2, 3, 4), 12: (3, 6, 9)}
+# Fashion-MNIST's preset has only 16 patch tokens and width 64, where the gates and the
+# CfC cost a sizeable part of a block: with the plan's 0.7 at blocks (2, 3, 4) the
+# compiled inference FLOPs are 89% of the baseline's, at 0.6 from block 1 on 63% (the
+# study's goal is <= 65%; benchmarks/dlvit_table.py sweeps the ratio).
+PRUNING = {"fashion_mnist": dict(stages=(1, 2, 3), keep_ratio=0.6)}
 
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, preset="fashion_mnist", variant="dendritic_liquid_vit",
-                         smoke=False)
+                         smoke=False, steps=0)
   if arg.preset not in PRESETS:
     raise errors.unknown_key("dendritic_liquid_vit preset", arg.preset, PRESETS)
   if arg.variant not in VARIANTS:
     raise errors.unknown_key("dendritic_liquid_vit variant", arg.variant, VARIANTS)
   p = vit_config.PRESETS[arg.preset]
   liquid = arg.variant == "dendritic_liquid_vit"
-  total = p["trainer"]["total_steps"]
+  trainer = common.with_steps(p["trainer"], arg.steps)
+  total = trainer["total_steps"]
   c = ml_collections.ConfigDict()
   c.task = "classification"        # train/tasks.py entry that builds the step functions
   c.seed = 0                        # PRNG seed: init, data order, augmentation, dropout, Gumbel
@@ -51,13 +58,17 @@ def get_config(arg=None):
       qkv_bias=True,                # bias on the qkv projection
       dropout=0.0,                  # dropout on attention, MLP and embeddings
       num_branches=4,               # dendritic branches per gate (the seed: 4)
-      hidden_dim=64,                # hidden width of each dendritic branch (the seed: 64)
   )
   c.model.update(p["model"])
+  # The seed's sizes at its width 256 (branch hidden 64, CfC backbone 128), kept in
+  # proportion to the preset's width: a fixed 64/128 would double the cost of the
+  # width-64 Fashion-MNIST blocks.
+  c.model.hidden_dim = c.model.width // 4  # hidden width of each dendritic branch
   if liquid:
     c.model.update(
         cfc_mode="default",         # CfC update: default (Eq. 10) | no_gate | pure (Eq. 2)
-        cfc_backbone_units=128,     # width of the CfC's shared backbone layer
+        cfc_backbone_units=c.model.width // 2,  # width of the CfC's shared backbone layer
+        liquid_blocks="stages",     # CfC state update after: all blocks | the pruning stages
         stages=STAGES[c.model.depth],  # block indices before which tokens are pruned
         keep_ratio=0.7,             # rho: fraction of remaining patch tokens each stage keeps
         anneal_steps=max(total // 5, 1),       # steps of Gumbel temperature annealing
@@ -65,8 +76,9 @@ def get_config(arg=None):
         temperature_start=5.0,      # Gumbel-softmax temperature at step 0
         temperature_end=0.1,        # ... and from anneal_steps on
     )
+    c.model.update(PRUNING.get(arg.preset, {}))
   else:
-    c.model.scale_residual = False  # importance scales each token's residual update
+    c.model.scale_residual = True   # importance scales each token's residual update
   c.data = dict(
       name=arg.preset,              # fashion_mnist | cifar10 | cifar100
       source="auto",                # auto | local | tfds
@@ -82,7 +94,7 @@ def get_config(arg=None):
       token_weight=0.5,             # weight of the final-token squared error (Eq. 11)
       temperature=1.0,              # distillation softmax temperature
   )
-  c.trainer = common.trainer(**p["trainer"])
+  c.trainer = common.trainer(**trainer)
   c.optim = common.optim(**p["optim"])
   c.optim.clip = 1.0                # global gradient-norm clip (the plan: required with CfC)
   if liquid:

@@ -2,7 +2,8 @@
 
   python -m train.main --config=configs/vit.py:fashion_mnist --workdir=runs/vit_fmnist
 Presets: digits (default), fashion_mnist, cifar10, cifar100. Add `smoke` for a
-seconds-long run on 2 CPU cores, `seed_size` for the seed document's exact model.
+seconds-long run on 2 CPU cores, `seed_size` for the seed document's exact model,
+`steps=N` to train N steps instead of the preset's (benchmarks/dlvit_table.py).
 """
 
 import ml_collections
@@ -34,7 +35,7 @@ PRESETS = {
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, preset="digits", smoke=False, seed_size=False)
+  arg = common.parse_arg(arg, preset="digits", smoke=False, seed_size=False, steps=0)
   if arg.preset not in PRESETS:
     raise errors.unknown_key("vit preset", arg.preset, PRESETS)
   p = PRESETS[arg.preset]
@@ -61,7 +62,7 @@ def get_config(arg=None):
       augment=True,                # crop/flip as fits the dataset
   )
   c.label_smoothing = 0.0          # cross-entropy label smoothing
-  c.trainer = common.trainer(**p["trainer"])
+  c.trainer = common.trainer(**common.with_steps(p["trainer"], arg.steps))
   c.optim = common.optim(**p["optim"])
   c.mesh = common.mesh()
   if arg.smoke:

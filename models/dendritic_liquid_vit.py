@@ -62,12 +62,16 @@ so Block_l's two residual branches (ViT Eq. 2-3) are both weighted by a^l. With
      the pruning stages. W^l_out starts at zero, so at init (and with W_out forced to
      zero: the "neutral" gate) the liquid path adds nothing and the model is the pruned
      ViT; CfC parameters live under `cfc` (a lower learning rate, `optim.lr_scales`).
-     Pruned tokens' states are gathered with the tokens.
+     Pruned tokens' states are gathered with the tokens. With liquid_blocks="stages"
+     the update runs only after the blocks l in `stages` (elsewhere z^l = y^l and h
+     is carried unchanged).
 
 `__call__(images, *, train, step=None, return_aux=False)` returns logits, or
 (logits, aux) with aux:
   "importance": per stage (DendriticViT: per block) [batch, n_stage] gate outputs;
   "keep_masks": per stage [batch, n] masks D^s (training; empty at inference);
+  "kept_positions": per stage [batch, n_kept] input-token indices of the tokens kept
+    (inference; empty in training), "importance"[s] scores the tokens at stage s's input;
   "num_tokens": tokens (class token included) entering each stage's block;
   "final_tokens": [batch, n_final, width] after the final LayerNorm (token distillation,
     Eq. 11, in training where n_final = n).
@@ -122,7 +126,7 @@ class DendriticViT(vit.ViT):
     if not return_aux:
       return logits
     n = x.shape[1]
-    return logits, {"importance": importances, "keep_masks": [],
+    return logits, {"importance": importances, "keep_masks": [], "kept_positions": [],
                     "num_tokens": [n] * self.depth, "final_tokens": final}
 
 
@@ -132,6 +136,9 @@ class DendriticLiquidViT(vit.ViT):
   Inherits `vit.ViT`'s fields (its __call__ is replaced), plus:
     num_branches, hidden_dim: each stage's `DendriticGate`.
     cfc_mode, cfc_backbone_units: the shared `CfCCell` ("default" | "no_gate" | "pure").
+    liquid_blocks: "all" (the liquid state after every block) or "stages" (only after the
+      blocks at `stages`: a third to a half of the CfC cost, for small widths where a
+      CfC step costs a sizeable part of a block).
     stages: block indices before which tokens are pruned (0 <= s < depth, increasing).
     keep_ratio: rho, the fraction of the remaining patch tokens each stage keeps.
     anneal_steps: Gumbel temperature goes temperature_start -> temperature_end over these.
@@ -142,6 +149,7 @@ class DendriticLiquidViT(vit.ViT):
   hidden_dim: int = 64
   cfc_mode: str = "default"
   cfc_backbone_units: int = 128
+  liquid_blocks: str = "all"
   stages: Sequence[int] = (1, 3, 5)
   keep_ratio: float = 0.7
   anneal_steps: int = 10_000
@@ -161,6 +169,8 @@ class DendriticLiquidViT(vit.ViT):
     if list(stages) != sorted(set(stages)) or any(not 0 <= s < self.depth for s in stages):
       raise errors.ConfigError(
           f"stages {stages} must be increasing block indices in [0, depth={self.depth})")
+    if self.liquid_blocks not in ("all", "stages"):
+      raise errors.unknown_key("liquid_blocks", self.liquid_blocks, ("all", "stages"))
     if not 0.0 < self.keep_ratio <= 1.0:
       raise errors.ConfigError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
     return stages
@@ -181,7 +191,8 @@ class DendriticLiquidViT(vit.ViT):
     mask = jnp.ones((b, n), x.dtype)  # D^0: everything kept.
     h = jnp.zeros_like(x)  # Liquid state h^0.
     cell = cfc_lib.CfCCell(self.width, self.cfc_backbone_units, mode=self.cfc_mode, name="cfc")
-    importances, masks, num_tokens = [], [], []
+    positions = jnp.broadcast_to(jnp.arange(n), (b, n))  # Each token's index in the input.
+    importances, masks, num_tokens, kept_positions = [], [], [], []
     for l in range(self.depth):
       if l in stages:
         s = stages.index(l)
@@ -196,21 +207,26 @@ class DendriticLiquidViT(vit.ViT):
           masks.append(mask)
         else:
           score = pi[..., token_pruning.KEEP] - pi[..., 1 - token_pruning.KEEP]
-          xh = token_pruning.select_tokens(jnp.concatenate([x, h], -1), score,
-                                           self.keep_ratio)
-          x, h = jnp.split(xh, 2, axis=-1)
+          idx = token_pruning.top_index(score, self.keep_ratio)
+          x, h = (jnp.take_along_axis(z, idx[..., None], axis=1) for z in (x, h))
+          positions = jnp.take_along_axis(positions, idx, axis=1)
+          kept_positions.append(positions)
           mask = jnp.ones(x.shape[:2], x.dtype)
         num_tokens.append(x.shape[1])
       policy = mask if train and masks else None  # Eq. 7-9 once anything can be dropped.
       y = vit.EncoderBlock(self.heads, int(self.width * self.mlp_ratio), self.qkv_bias,
                            self.dropout, name=f"block{l}")(x, train=train, policy=policy)
-      h = cell(y, h, (l + 1) / self.depth)
-      x = y + nn.Dense(self.width, kernel_init=nn.initializers.zeros, name=f"liquid_out{l}")(h)
+      if self.liquid_blocks == "all" or l in stages:
+        h = cell(y, h, (l + 1) / self.depth)
+        y = y + nn.Dense(self.width, kernel_init=nn.initializers.zeros,
+                         name=f"liquid_out{l}")(h)
+      x = y
     logits, final = _head(self.num_classes, x)
     if not return_aux:
       return logits
     return logits, {"importance": importances, "keep_masks": masks,
-                    "num_tokens": num_tokens, "final_tokens": final}
+                    "kept_positions": kept_positions, "num_tokens": num_tokens,
+                    "final_tokens": final}
 
 
 def kept_tokens(num_tokens: int, keep_ratio: float, num_stages: int) -> list:

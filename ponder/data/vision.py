@@ -356,8 +356,9 @@ def batch_indices(num_examples: int, *, seed: int, step: int, batch_size: int) -
   return indices
 
 
-def _normalise(ds: ImageDataset, images: np.ndarray) -> np.ndarray:
-  """(x / 255 - mean) / std per channel, in float32.
+def normalise(ds: ImageDataset, images: np.ndarray, scale: float = 255.0) -> np.ndarray:
+  """(x / scale - mean) / std per channel, in float32: uint8 pixels with the default
+  scale, images already in [0, 1] (e.g. corrupted ones) with scale=1.
 
   Scale and shift are tiled over whole (W, C) rows and applied in place: broadcasting
   over a last axis of 3 channels runs numpy's inner loop 3 values at a time, 10x slower.
@@ -366,7 +367,7 @@ def _normalise(ds: ImageDataset, images: np.ndarray) -> np.ndarray:
   width = images.shape[-2]
   out = images.astype(np.float32)
   rows = out.reshape(*out.shape[:-2], -1)
-  rows *= np.tile(1 / (255 * std), width)
+  rows *= np.tile(1 / (scale * std), width)
   rows += np.tile(-np.asarray(ds.mean, np.float32) / std, width)
   return out
 
@@ -386,7 +387,7 @@ def train_batch(ds: ImageDataset, *, seed: int, step: int, batch_size: int,
     pad, flip = mode
     rng = np.random.default_rng([seed, _AUGMENT_STREAM, step])
     images = augment_lib.random_crop_flip(images, rng, pad=pad, flip=flip)
-  return {"image": _normalise(ds, images), "label": ds.train_labels[index]}
+  return {"image": normalise(ds, images), "label": ds.train_labels[index]}
 
 
 def eval_batches(ds: ImageDataset, *, batch_size: int, split: str = "test",
@@ -408,7 +409,7 @@ def eval_batches(ds: ImageDataset, *, batch_size: int, split: str = "test",
     x, y = images[start:start + size], labels[start:start + size]
     missing = size - len(y)
     yield {
-        "image": _normalise(ds, np.pad(x, ((0, missing), (0, 0), (0, 0), (0, 0)))),
+        "image": normalise(ds, np.pad(x, ((0, missing), (0, 0), (0, 0), (0, 0)))),
         "label": np.pad(y, (0, missing)),
         "mask": np.pad(np.ones(len(y), np.float32), (0, missing)),
     }

@@ -185,6 +185,16 @@ def num_kept(num_tokens: int, keep_ratio: float) -> int:
   return max(1, min(patches, math.ceil(keep_ratio * patches - 1e-6)))
 
 
+def top_index(scores, keep_ratio: float):
+  """Indices `[batch, 1 + k]` of the tokens `select_tokens` keeps: 0 (the class token),
+  then the `k = num_kept(n, keep_ratio)` top-scoring patch tokens in increasing order.
+  `scores` is `[batch, n]`, higher = keep; the class token's score is ignored."""
+  k = num_kept(scores.shape[1], keep_ratio)
+  _, top = jax.lax.top_k(scores[:, 1:], k)
+  idx = jnp.sort(top, axis=-1) + 1
+  return jnp.concatenate([jnp.zeros((scores.shape[0], 1), idx.dtype), idx], axis=1)
+
+
 def select_tokens(x, scores, keep_ratio: float):
   """Inference-time pruning: the class token and the top-scoring patch tokens.
 
@@ -197,14 +207,11 @@ def select_tokens(x, scores, keep_ratio: float):
 
   Returns:
     `[batch, 1 + k, dim]`: the class token, then the kept patch tokens in their
-    original order.
+    original order (the tokens at `top_index(scores, keep_ratio)`).
   """
   if scores.shape != x.shape[:2]:
     raise errors.ShapeError(f"scores {scores.shape} must be [batch, n] of x {x.shape}")
-  k = num_kept(x.shape[1], keep_ratio)
-  _, top = jax.lax.top_k(scores[:, 1:], k)
-  idx = jnp.sort(top, axis=-1) + 1
-  idx = jnp.concatenate([jnp.zeros((x.shape[0], 1), idx.dtype), idx], axis=1)
+  idx = top_index(scores, keep_ratio)
   return jnp.take_along_axis(x, idx[..., None], axis=1)
 
 

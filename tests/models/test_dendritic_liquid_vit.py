@@ -73,6 +73,15 @@ def test_shapes_and_aux():
   assert aux["num_tokens"] == [9, 5, 3] == dlv.kept_tokens(17, 0.5, 3)
   chex.assert_shape(aux["final_tokens"], (3, 3, 32))
   assert aux["keep_masks"] == []
+  chex.assert_shape(aux["importance"], [(3, 17), (3, 9), (3, 5)])
+  # Kept positions: the class token first, increasing, each stage a subset of the last.
+  previous = np.broadcast_to(np.arange(17), (3, 17))
+  for kept, n in zip(aux["kept_positions"], aux["num_tokens"]):
+    kept = np.asarray(kept)
+    chex.assert_shape(kept, (3, n))
+    assert (kept[:, 0] == 0).all() and (np.diff(kept, axis=1) > 0).all()
+    assert all(set(k) <= set(p) for k, p in zip(kept, previous))
+    previous = kept
   model, params = _init(dlv.DendriticViT)
   logits, aux = model.apply({"params": params}, x, return_aux=True)
   chex.assert_shape(logits, (3, 5))
@@ -116,6 +125,16 @@ def _neutral(params, keep_everything=False):
       v = dict(v, logits=dict(v["logits"], bias=v["logits"]["bias"].at[1].add(1e3)))
     out[k] = v
   return out
+
+
+def test_liquid_state_only_at_the_stages_costs_less():
+  everywhere, p_all = _init(dlv.DendriticLiquidViT)
+  at_stages, p_stages = _init(dlv.DendriticLiquidViT, liquid_blocks="stages", stages=(1, 3))
+  assert sorted(k for k in p_stages if k.startswith("liquid_out")) == [
+      "liquid_out1", "liquid_out3"]
+  x = jax.ShapeDtypeStruct((4, 8, 8, 1), jnp.float32)
+  cost = lambda m, p: flops.compiled_flops(lambda p, x: m.apply({"params": p}, x), p, x)
+  assert cost(at_stages, p_stages) < cost(everywhere.clone(stages=(1, 3)), p_all)
 
 
 def test_liquid_vit_with_neutral_gate_and_full_keep_ratio_is_the_vit():
