@@ -1,7 +1,10 @@
 """The classification task with DendriticLiquid-ViT: the step reaches the model, the
 keep-ratio and distillation terms join the loss, per-module learning rates."""
 
+import json
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +14,7 @@ import numpy as np
 from configs import common
 from ponder import mesh as mesh_lib
 from tests import fakes
+from tests.conftest import ROOT, subprocess_env
 from train import cli
 from train import tasks
 from train import trainer
@@ -85,3 +89,25 @@ def test_lr_scales_scale_the_updates_of_named_modules():
   np.testing.assert_allclose(scaled["cfc"]["kernel"], 0.5 * plain["cfc"]["kernel"], rtol=1e-6)
   np.testing.assert_allclose(scaled["block0"]["kernel"], plain["block0"]["kernel"])
   assert float(jnp.abs(plain["cfc"]["kernel"]).min()) > 0.0
+
+
+def test_evaluate_writes_the_corruption_report_and_pictures(tmp_path):
+  data = fakes.write_fashion_mnist(tmp_path / "data")
+  cfg = _config("fashion_mnist,smoke", data)
+  cfg.trainer.update(total_steps=1, eval_every=1, ckpt_every=1)
+  workdir = tmp_path / "run"
+  trainer.train_and_evaluate(cfg, str(workdir), echo=lambda s: None)
+  out = subprocess.run(
+      [sys.executable, "-m", "train.evaluate", f"--workdir={workdir}", "--corruptions=6",
+       "--pictures"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+      timeout=600)
+  assert out.returncode == 0, out.stderr
+  metrics = json.loads(out.stdout.strip().splitlines()[-1])
+  report = json.loads((workdir / "eval" / "corruptions.json").read_text())
+  assert len(report["per_corruption"]) == 15
+  np.testing.assert_allclose(metrics["corruption_mean"], report["mean"])
+  np.testing.assert_allclose(report["drop"], report["clean"] - report["mean"])
+  # Clean accuracy of the 6 corrupted images' originals: a fraction with denominator 6.
+  assert round(report["clean"] * 6, 6) == round(report["clean"] * 6)
+  for name in ("importance.png", "kept_tokens.png"):
+    assert (workdir / "eval" / name).read_bytes()[:4] == b"\x89PNG"
