@@ -1,0 +1,553 @@
+"""PonderTTT's Pareto front: valid perplexity against FLOPs per token of TTT language
+models with Fixed-1/2/4 inner steps, SKIP (k = 0) and the adaptive allocation at several
+budgets; and the TTT-Linear layer's training throughput in its jax.grad and dual forms.
+
+  python -m benchmarks.ponder_pareto --out=DIR [--preset=synthetic] [--budget=full]
+  python -m benchmarks.ponder_pareto --out=DIR --preset=wikitext2 \
+      --data_dir=../shared/data/wikitext-2-valsplit
+  python -m benchmarks.ponder_pareto --out=DIR --throughput_only
+
+Every variant is `configs/ttt_lm.py:PRESET,mode=fixed,k=K|mode=skip|mode=adaptive`
+(adaptive with its `ponder_target` and `ponder_budget`), trained by
+`train.trainer.train_and_evaluate` in its own workdir DIR/<variant>. Rerunning the
+command resumes an unfinished run from its last checkpoint and reuses a finished one
+(final_metrics.json at total_steps), so an interrupted benchmark restarts where it
+stopped; a workdir trained with another config (another --budget, say) is an error.
+`--budget`: full (the preset's steps; three adaptive settings), short (50 synthetic or
+20 wikitext2 steps, two adaptive settings: minutes, and far from trained) or smoke (the
+configs' tiny smoke models, 2 steps: what the test runs).
+
+Measured on the task's evaluation data (synthetic: its 16 fixed batches; wikitext2: the
+whole valid split), every variant with its own trained parameters:
+* valid_ppl: exp of the mean next-token NLL (synthetic: also nll_easy / nll_hard).
+  Adaptive: the SKIP first pass, the allocation and the second pass, exactly as the
+  model's `steps="adaptive"` evaluates (so it equals train.main's final perplexity).
+* inner_flops_per_token: the analytic FLOPs of the TTT inner loop proper, the gradient
+  updates: `ttt_lm.ttt_flops_per_token(cfg, k) - ttt_flops_per_token(cfg, 0)` (0 for
+  SKIP). The output rule z = f(theta_Q x; W), which every variant runs, is in
+  ttt_layer_flops_per_token (the library's count) and in the total. Adaptive:
+  `ponder_alloc.adaptive_flops_per_token` over the allocated k (its SKIP first pass
+  makes no update).
+* total_flops_per_token: XLA's compiled FLOPs of the whole model's forward pass at each
+  static k per token, with the TTT scan's other mini-batches added analytically (XLA
+  counts a loop body once); adaptive: `adaptive_flops_per_token` (one SKIP pass plus the
+  mean over the allocated k) plus the compiled FLOPs of the allocation (entropies,
+  quantiles; a budget's bisection loop counted once, a small lower bound).
+* eval_s_per_token: every variant's jitted evaluation forward (adaptive: its two-pass
+  program, `lax.switch` per mini-batch) on the same batch, timed in round robin
+  (`analysis.measure_interleaved`), median over runs.
+* allocation (mini-batches and tokens at each k) and mean_steps.
+* correlations (adaptive variants), Spearman and Pearson: allocated k against the
+  per-token loss gain nll(k = 0) - nll(allocated k), both under the variant's parameters;
+  on the synthetic task also the SKIP pass's mean entropy over a mini-batch's own
+  positions against the fraction of its targets that are unpredictable (the source's
+  labels), and the same for the causal allocation signal (ponder_alloc's window that ends
+  at the mini-batch's first position; before the batch mean of granularity "batch").
+* goal (issue 6): adaptive's valid perplexity within 1% of Fixed-4's, with at most 65% of
+  its inner-loop FLOPs and 75% of its eval wall-clock per token; per adaptive variant.
+  reference_ppl_over_skip (Fixed-4's perplexity over SKIP's) says whether the inner steps
+  matter at all: near 1 (an undertrained model, a short run) the goal is met vacuously.
+* throughput: one TTTLayer (4 heads x 64, k = 1, mini-batch 16, sequence 2048, batch 1),
+  forward + backward (jax.value_and_grad of a loss of the output) in the grad and dual
+  forms, in round robin; also their analytic inner-loop FLOPs and their agreement.
+
+Files in DIR: results.json, pareto.png (valid perplexity against inner-loop FLOPs,
+total FLOPs and measured time per token), allocation.png, curves.png (all variants'
+training loss and eval perplexity) and each workdir's own curves.png.
+
+Runtime on the 2-core CPU while another training job shared it (1-minute load about 4;
+seconds per step of each variant in configs/ttt_lm.py's docstring; an idle machine is
+about twice as fast): synthetic short 7.5 min (measured); synthetic full about 40 min
+(500 steps per variant, about 35 min of training steps); wikitext2 full about 80 min
+(100 steps per variant, 72 min of training steps, plus evaluations of the whole valid
+split); wikitext2 short about 20 min. Most of a smoke or short run is XLA compiling
+(15-40 s per train step program on this CPU).
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Callable, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats
+
+from benchmarks import common
+from configs import ttt_lm as ttt_lm_config
+from models import ttt_lm
+from ponder import analysis
+from ponder import errors
+from ponder import lm
+from ponder import logging as plog
+from ponder.nn import ponder_alloc
+from ponder.nn import ttt
+from train import trainer
+
+PRESETS = ("synthetic", "wikitext2")
+GOAL = dict(reference="fixed4", max_ppl_ratio=1.01, max_inner_flops_ratio=0.65,
+            max_time_ratio=0.75)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """How much one benchmark run trains and times."""
+  smoke: bool  # configs/ttt_lm.py's smoke model and data instead of the preset's
+  total_steps: dict  # preset -> training steps per variant; absent = the preset's
+  adaptive: tuple  # one adaptive variant per (ponder_target, ponder_budget)
+  timing_runs: int  # timed evaluation passes per variant (round robin, median kept)
+  layer: dict  # TTT-Linear throughput: batch, seq, width, heads, runs
+
+
+_TARGET = ponder_alloc.DEFAULT_TARGET
+_LAYER = dict(batch=1, seq=2048, width=256, heads=4)
+BUDGETS = {
+    "smoke": Budget(True, dict(synthetic=2, wikitext2=2), ((_TARGET, 0.0),), 1,
+                    dict(batch=1, seq=32, width=16, heads=2, runs=1)),
+    "short": Budget(False, dict(synthetic=50, wikitext2=20), ((_TARGET, 0.0), (_TARGET, 1.5)),
+                    5, dict(_LAYER, runs=3)),
+    "full": Budget(False, {}, ((_TARGET, 0.0), (_TARGET, 1.8), ((0.1, 0.3, 0.6), 0.0)), 10,
+                   dict(_LAYER, runs=10)),
+}
+
+_OUT = flags.DEFINE_string("out", None, "Directory for results.json, the PNGs and one "
+                           "workdir per variant.")
+_PRESET = flags.DEFINE_enum("preset", "synthetic", PRESETS, "configs/ttt_lm.py preset.")
+_BUDGET = flags.DEFINE_enum("budget", "full", list(BUDGETS),
+                            "full: the preset's steps; short: minutes; smoke: seconds.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "", "wikitext2: a WikiText-layout directory, e.g. "
+    "../shared/data/wikitext-2-valsplit ('' = the config's source).")
+_THROUGHPUT_ONLY = flags.DEFINE_bool(
+    "throughput_only", False, "Only the TTT-Linear layer throughput, merged into "
+    "DIR/results.json.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str
+  mode: str  # configs/ttt_lm.py's mode: fixed | skip | adaptive
+  k: int = 0  # the fixed k (0 for skip and adaptive)
+  target: tuple = _TARGET  # adaptive: ponder_target
+  budget: float = 0.0  # adaptive: ponder_budget (0 = none)
+
+
+def variants(budget: Budget) -> list:
+  """SKIP, Fixed-1/2/4 and one adaptive variant per setting of the budget."""
+  out = [Variant("skip", "skip")] + [Variant(f"fixed{k}", "fixed", k) for k in (1, 2, 4)]
+  for target, ponder_budget in budget.adaptive:
+    name = "adaptive"
+    if tuple(target) != _TARGET:
+      name += "_t" + "-".join(str(round(100 * t)) for t in target)
+    if ponder_budget:
+      name += f"_b{ponder_budget:g}"
+    out.append(Variant(name, "adaptive", target=tuple(target), budget=float(ponder_budget)))
+  return out
+
+
+def variant_config(preset: str, budget: Budget, variant: Variant, data_dir: str = ""):
+  """configs/ttt_lm.py's config of one variant under a budget."""
+  if preset not in PRESETS:
+    raise errors.unknown_key("ponder_pareto preset", preset, PRESETS)
+  if data_dir and preset == "synthetic":
+    raise errors.ConfigError("--data_dir is read by the wikitext2 preset only; the "
+                             "synthetic preset generates its data.")
+  arg = f"{preset},mode={variant.mode},k={variant.k}" + (",smoke" if budget.smoke else "")
+  cfg = ttt_lm_config.get_config(arg)
+  cfg.model.update(ponder_target=variant.target, ponder_budget=variant.budget)
+  steps = budget.total_steps.get(preset)
+  if steps:
+    every = max(steps // 2, 1)  # Two evaluations: a curve, however short.
+    cfg.trainer.update(total_steps=steps, eval_every=every, ckpt_every=every)
+    # Warm-up at most a tenth of the run, so that a short run reaches its peak rate.
+    cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(steps // 10, 1))
+  if data_dir:
+    cfg.data.source = f"local:{data_dir}"
+  return cfg
+
+
+def _flat(tree, prefix="") -> dict:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+
+
+def train_or_load(cfg, workdir: str, echo: Callable = print):
+  """Trains `cfg` in `workdir` unless a finished run of it is there (resuming an
+  unfinished one), then returns (task, params, step, trained_s) of its last checkpoint;
+  trained_s is the training wall time of this call (0 when the run was reused)."""
+  if os.path.exists(os.path.join(workdir, "config.json")):
+    old = _flat(trainer.load_config(workdir).to_dict())
+    new = _flat(json.loads(cfg.to_json_best_effort()))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+      raise errors.ConfigError(
+          f"{workdir} holds a run of another config (differs in {', '.join(changed)}); "
+          "remove it or pass another --out.")
+  final = os.path.join(workdir, "final_metrics.json")
+  step, trained_s = -1, 0.0
+  if os.path.exists(final):
+    with open(final) as f:
+      step = json.load(f)["step"]
+  if step < cfg.trainer.total_steps:
+    start = time.perf_counter()
+    trainer.train_and_evaluate(cfg, workdir, echo=echo)
+    trained_s = time.perf_counter() - start
+  _, task, params, step, _ = trainer.restore_run(workdir)
+  return task, params, step, trained_s
+
+
+def _correlation(x, y) -> dict:
+  """Spearman's rho and Pearson's r of two samples (None where either is constant)."""
+  x, y = np.ravel(x).astype(np.float64), np.ravel(y).astype(np.float64)
+  if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    return dict(spearman=None, pearson=None, n=int(len(x)))
+  return dict(spearman=float(stats.spearmanr(x, y).statistic),
+              pearson=float(stats.pearsonr(x, y).statistic), n=int(len(x)))
+
+
+def _canonical(model) -> ttt_lm.TTTLM:
+  """The variant's model with the fields that only choose default steps reset, so all
+  variants of a preset share one compiled program per k."""
+  cfg = dataclasses.replace(model.config, ttt_steps=0, ponder_target=_TARGET,
+                            ponder_budget=0.0)
+  return ttt_lm.TTTLM(cfg, dtype=model.dtype)
+
+
+def _logits(model, params, inputs, steps=None):
+  return model.apply({"params": params}, inputs, train=False, steps=steps)
+
+
+@functools.partial(jax.jit, static_argnames=("mini_batch", "causal"))
+def _difficulty(logits, *, mini_batch: int, causal: bool):
+  return ponder_alloc.mini_batch_difficulty(logits, mini_batch, causal=causal)
+
+
+_token_nll = jax.jit(lm.token_nll)
+
+
+class _Programs:
+  """The compiled evaluation programs all variants of one preset share."""
+
+  def __init__(self, model: ttt_lm.TTTLM, params, inputs):
+    self.tokens = inputs.size
+    self.by_k, self.total_flops = {}, {}
+    # XLA's cost analysis counts a loop body once, so of the TTT layers' lax.scan over
+    # seq / mini_batch mini-batches it counts one; the others come from the analytic
+    # count (tested against XLA's count of one mini-batch in tests/nn/test_ttt.py).
+    uncounted = 1.0 - model.config.ttt_mini_batch / inputs.shape[1]
+    for k in model.config.ttt_allowed_steps:
+      compiled = jax.jit(functools.partial(_logits, model, steps=k)).lower(
+          params, inputs).compile()
+      self.by_k[k] = compiled
+      self.total_flops[k] = (analysis.cost_of(compiled)["flops"] / self.tokens
+                             + uncounted * ttt_lm.ttt_flops_per_token(model.config, k))
+    self.second_pass = jax.jit(functools.partial(_logits, model))  # Array steps.
+
+  def allocator(self, cfg: ttt_lm.TTTLMConfig, probe_shape):
+    """A variant's compiled allocation (SKIP logits -> steps) and its FLOPs per token."""
+    compiled = jax.jit(functools.partial(ttt_lm.adaptive_steps, cfg)).lower(
+        jax.ShapeDtypeStruct(probe_shape, jnp.float32)).compile()
+    return compiled, analysis.cost_of(compiled)["flops"] / self.tokens
+
+
+def _evaluate(variant: Variant, model, params, batches: Sequence[dict],
+              programs: _Programs) -> dict:
+  """Per-token arrays of a variant over the evaluation batches (numpy, [N, seq] or
+  [N, seq / mini_batch]): nll, mask, steps; adaptive: also gain and difficulties."""
+  cfg = model.config
+  mb = cfg.ttt_mini_batch
+  out = {name: [] for name in ("nll", "mask", "steps", "gain", "own", "signal", "hard")}
+  allocate = alloc_flops = None
+  for batch in batches:
+    inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
+    if variant.mode == "adaptive":
+      probe = programs.by_k[0](params, inputs)
+      if allocate is None:
+        allocate, alloc_flops = programs.allocator(cfg, probe.shape)
+      steps = allocate(probe)
+      logits = programs.second_pass(params, inputs, steps)
+      steps = np.asarray(steps)
+      if steps.ndim == 1:  # One k per mini-batch, shared by the batch.
+        steps = np.broadcast_to(np.repeat(steps, mb), targets.shape)
+      nll0 = np.asarray(_token_nll(probe, targets))
+      out["own"].append(np.asarray(_difficulty(probe, mini_batch=mb, causal=False)))
+      out["signal"].append(np.asarray(_difficulty(probe, mini_batch=mb,
+                                                  causal=cfg.ponder_causal)))
+    else:
+      logits = programs.by_k[variant.k](params, inputs)
+      steps = np.full(targets.shape, variant.k)
+    nll = np.asarray(_token_nll(logits, targets))
+    out["nll"].append(nll)
+    out["mask"].append(batch["mask"])
+    out["steps"].append(steps)
+    if variant.mode == "adaptive":
+      out["gain"].append(nll0 - nll)
+    if "difficulty" in batch:
+      out["hard"].append(batch["difficulty"][:, 1:])
+  arrays = {k: np.concatenate(v) for k, v in out.items() if v}
+  arrays["alloc_flops"] = alloc_flops
+  return arrays
+
+
+def _summary(variant: Variant, cfg: ttt_lm.TTTLMConfig, arrays: dict,
+             programs: _Programs) -> dict:
+  """valid perplexity, FLOPs, allocation and correlations from `_evaluate`'s arrays."""
+  mb = cfg.ttt_mini_batch
+  mask, nll, steps = arrays["mask"], arrays["nll"], arrays["steps"]
+  n, seq = mask.shape
+  mean_nll = float((nll * mask).sum() / mask.sum())
+  out = dict(mode=variant.mode, k=variant.k, valid_nll=mean_nll, valid_ppl=math.exp(mean_nll),
+             scored_tokens=int(mask.sum()))
+  if "hard" in arrays:
+    hard = arrays["hard"].astype(np.float64) * mask
+    easy = (1.0 - arrays["hard"]) * mask
+    out.update(nll_hard=float((nll * hard).sum() / max(hard.sum(), 1.0)),
+               nll_easy=float((nll * easy).sum() / max(easy.sum(), 1.0)))
+  # Mini-batch units: every mini-batch of a row with a scored target.
+  mb_real = mask.reshape(n, seq // mb, mb).max(-1) > 0
+  mb_steps = steps[:, ::mb][mb_real]
+  token_steps = steps[mask > 0]
+  allowed = cfg.ttt_allowed_steps
+  out["allocation"] = {
+      "mini_batches": {str(k): int((mb_steps == k).sum()) for k in allowed},
+      "tokens": {str(k): int((token_steps == k).sum()) for k in allowed}}
+  out["mean_steps"] = float(token_steps.mean())
+  layer = {k: ttt_lm.ttt_flops_per_token(cfg, k) for k in allowed}
+  inner = {k: layer[k] - layer[0] for k in allowed}
+  if variant.mode == "adaptive":
+    out.update(
+        inner_flops_per_token=ponder_alloc.adaptive_flops_per_token(mb_steps, inner),
+        ttt_layer_flops_per_token=ponder_alloc.adaptive_flops_per_token(mb_steps, layer),
+        total_flops_per_token=ponder_alloc.adaptive_flops_per_token(
+            mb_steps, programs.total_flops) + arrays["alloc_flops"],
+        allocation_flops_per_token=arrays["alloc_flops"])
+    real = mask > 0
+    gain = arrays["gain"]
+    correlations = dict(steps_vs_loss_gain=_correlation(token_steps, gain[real]))
+    out["mean_loss_gain_by_steps"] = {
+        str(k): float(gain[real][token_steps == k].mean()) for k in allowed
+        if (token_steps == k).any()}
+    if "hard" in arrays:
+      hard_frac = (arrays["hard"] * mask).reshape(n, seq // mb, mb).sum(-1) / np.maximum(
+          mask.reshape(n, seq // mb, mb).sum(-1), 1.0)
+      correlations["entropy_vs_hard_fraction"] = _correlation(
+          arrays["own"][mb_real], hard_frac[mb_real])
+      correlations["allocation_signal_vs_hard_fraction"] = _correlation(
+          arrays["signal"][mb_real], hard_frac[mb_real])
+    out["correlations"] = correlations
+  else:
+    out.update(inner_flops_per_token=float(inner[variant.k]),
+               ttt_layer_flops_per_token=float(layer[variant.k]),
+               total_flops_per_token=float(programs.total_flops[variant.k]))
+  return out
+
+
+def _goal(results: dict) -> dict:
+  """The issue's goal for every adaptive variant against Fixed-4."""
+  ref = results[GOAL["reference"]]
+  by_variant = {}
+  for name, r in results.items():
+    if r["mode"] != "adaptive":
+      continue
+    ratios = dict(ppl_ratio=r["valid_ppl"] / ref["valid_ppl"],
+                  inner_flops_ratio=r["inner_flops_per_token"] / ref["inner_flops_per_token"],
+                  time_ratio=r["eval_s_per_token"] / ref["eval_s_per_token"],
+                  ttt_layer_flops_ratio=(r["ttt_layer_flops_per_token"]
+                                         / ref["ttt_layer_flops_per_token"]),
+                  total_flops_ratio=r["total_flops_per_token"] / ref["total_flops_per_token"])
+    checks = dict(ppl_ok=ratios["ppl_ratio"] <= GOAL["max_ppl_ratio"],
+                  inner_flops_ok=ratios["inner_flops_ratio"] <= GOAL["max_inner_flops_ratio"],
+                  time_ok=ratios["time_ratio"] <= GOAL["max_time_ratio"])
+    by_variant[name] = dict(ratios, **checks, passed=all(checks.values()))
+  passing = [name for name, g in by_variant.items() if g["passed"]]
+  # Near 1, the inner steps barely change the perplexity and the goal says little.
+  spread = ref["valid_ppl"] / results["skip"]["valid_ppl"]
+  return dict(GOAL, reference_ppl_over_skip=spread, by_variant=by_variant, passing=passing,
+              passed=bool(passing))
+
+
+def _train_speed(workdir: str) -> Optional[float]:
+  """Median seconds per training step from the run's logged intervals, leaving out the
+  first (it holds the compilation) when there are others."""
+  rates = [r["steps_per_s"] for r in plog.read_metrics(workdir, "train") if "steps_per_s" in r]
+  rates = rates[1:] or rates
+  return 1.0 / float(np.median(rates)) if rates else None
+
+
+def layer_throughput(*, batch: int, seq: int, width: int, heads: int, runs: int,
+                     steps: int = 1, mini_batch: int = 16, seed: int = 0) -> dict:
+  """Training tokens/s of one TTTLayer (TTT-Linear) in the grad and dual forms: the
+  jitted value and gradient (parameters) of the mean squared output, in round robin."""
+  x = jax.random.normal(jax.random.key(seed), (batch, seq, width))
+  layers = {form: ttt.TTTLayer(width, heads, form=form, steps=steps, mini_batch=mini_batch)
+            for form in ttt.FORMS}
+  params = jax.jit(functools.partial(layers["grad"].init, train=True))(
+      jax.random.key(seed + 1), x[:, :mini_batch])
+  loss = lambda p, x, layer: jnp.mean(jnp.square(layer.apply(p, x, train=True)))
+  compiled = {form: jax.jit(jax.value_and_grad(functools.partial(loss, layer=layer))).lower(
+      params, x).compile() for form, layer in layers.items()}
+  outs = {form: fn(params, x) for form, fn in compiled.items()}
+  (loss_g, grads_g), (loss_d, grads_d) = outs["grad"], outs["dual"]
+  grad_diff = max(float(jnp.max(jnp.abs(a - b)))
+                  for a, b in zip(jax.tree.leaves(grads_g), jax.tree.leaves(grads_d)))
+  times = analysis.measure_interleaved(
+      {form: functools.partial(fn, params, x) for form, fn in compiled.items()},
+      warmup=1, runs=runs)
+  tokens = batch * seq
+  out = dict(batch=batch, seq=seq, width=width, heads=heads, head_dim=width // heads,
+             steps=steps, mini_batch=mini_batch, kind="linear",
+             loss_abs_diff=abs(float(loss_g) - float(loss_d)), grad_max_abs_diff=grad_diff,
+             machine=common.machine())
+  for form in compiled:  # Analytic: XLA counts the scan's body once (see _Programs).
+    inner = heads * ttt.inner_flops_per_token(steps, width // heads, form=form,
+                                              mini_batch=mini_batch)
+    out[form] = dict(times[form], tokens_per_s=tokens / times[form]["median_s"],
+                     inner_forward_flops_per_token=inner)
+  out["dual_speedup"] = out["dual"]["tokens_per_s"] / out["grad"]["tokens_per_s"]
+  return out
+
+
+def _plots(out_dir: str, preset: str, results: dict, workdirs: dict) -> None:
+  points = [dict(r, label=name, group="adaptive" if r["mode"] == "adaptive" else "fixed k",
+                 eval_us_per_token=1e6 * r["eval_s_per_token"]) for name, r in results.items()]
+  analysis.plots.pareto(
+      points, os.path.join(out_dir, "pareto.png"), y="valid_ppl", y_label="valid perplexity",
+      xs=[("inner_flops_per_token", "inner-loop FLOPs / token (TTT updates)"),
+          ("total_flops_per_token", "total forward FLOPs / token"),
+          ("eval_us_per_token", "measured eval time / token (us)")],
+      title=f"PonderTTT on {preset}: perplexity against compute")
+  fractions = {}
+  for unit in ("mini_batches", "tokens"):
+    fractions[unit.replace("_", "-")] = {
+        name: {k: c / max(sum(r["allocation"][unit].values()), 1)
+               for k, c in r["allocation"][unit].items()} for name, r in results.items()}
+  analysis.plots.allocation_histogram(fractions, os.path.join(out_dir, "allocation.png"),
+                                      title="inner steps allocated (evaluation data)")
+  metrics = [("train", "loss"), ("eval", "perplexity")]
+  if preset == "synthetic":
+    metrics += [("eval", "nll_easy"), ("eval", "nll_hard")]
+  analysis.plots.compare_runs({name: plog.read_metrics(w) for name, w in workdirs.items()},
+                              os.path.join(out_dir, "curves.png"), metrics=metrics,
+                              title=f"TTT LM variants on {preset}")
+
+
+def run(out_dir: str, preset: str, budget: Budget, *, data_dir: str = "",
+        echo: Callable = print) -> dict:
+  """Trains or loads every variant, measures them, writes DIR/results.json and the PNGs,
+  and returns the results."""
+  os.makedirs(out_dir, exist_ok=True)
+  machine = common.machine()
+  loaded, workdirs, configs = {}, {}, {}
+  for variant in variants(budget):
+    cfg = variant_config(preset, budget, variant, data_dir)
+    workdirs[variant.name] = os.path.join(out_dir, variant.name)
+    echo(f"== {variant.name}: {workdirs[variant.name]}")
+    loaded[variant.name] = (variant, *train_or_load(cfg, workdirs[variant.name], echo))
+    configs[variant.name] = cfg
+  first = next(iter(loaded.values()))
+  task0, params0 = first[1], first[2]
+  canonical = _canonical(task0.model)
+  for name, (_, task, *_rest) in loaded.items():
+    if _canonical(task.model) != canonical:
+      raise errors.ConfigError(f"variant {name}'s model differs from {first[0].name}'s "
+                               "beyond its steps: they cannot share programs.")
+  batches = list(task0.eval_batches())
+  seq, mb = batches[0]["tokens"].shape[1] - 1, canonical.config.ttt_mini_batch
+  if seq % mb:
+    raise errors.ConfigError(f"data.seq_len={seq} must be a multiple of ttt_mini_batch={mb} "
+                             "for per-mini-batch statistics.")
+  echo("compiling the evaluation programs ...")
+  timing_inputs = batches[0]["tokens"][:, :-1]
+  programs = _Programs(canonical, params0, timing_inputs)
+  results, timed = {}, {}
+  for name, (variant, task, params, step, trained_s) in loaded.items():
+    echo(f"evaluating {name} ...")
+    arrays = _evaluate(variant, task.model, params, batches, programs)
+    results[name] = dict(_summary(variant, task.model.config, arrays, programs),
+                         workdir=workdirs[name], steps_trained=int(step),
+                         ponder_target=list(variant.target), ponder_budget=variant.budget,
+                         train_s_per_step=_train_speed(workdirs[name]),
+                         trained_now_s=trained_s)
+    if variant.mode == "adaptive":  # The model's own two-pass program.
+      fn = jax.jit(functools.partial(_logits, task.model)).lower(params, timing_inputs).compile()
+    else:
+      fn = programs.by_k[variant.k]
+    timed[name] = functools.partial(fn, params, timing_inputs)
+  echo(f"timing {len(timed)} evaluation programs in round robin ...")
+  times = analysis.measure_interleaved(timed, warmup=1, runs=budget.timing_runs)
+  for name, t in times.items():
+    results[name].update(eval_s_per_token=t["median_s"] / timing_inputs.size,
+                         eval_tokens_per_s=timing_inputs.size / t["median_s"],
+                         eval_times_s=t["times_s"])
+  cfg0 = configs[first[0].name]
+  echo("TTT-Linear layer throughput, grad and dual forms ...")
+  result = dict(
+      machine=dict(machine, load_average_end=os.getloadavg()), preset=preset,
+      budget=dataclasses.asdict(budget), data_source=cfg0.data.source,
+      model={k: v for k, v in dataclasses.asdict(canonical.config).items()
+             if not k.startswith("ponder_") and k != "ttt_steps"},
+      batch_size=cfg0.trainer.batch_size, seq_len=seq, eval_batches=len(batches),
+      timing_batch=list(timing_inputs.shape),
+      flops_by_k=dict(total_compiled={str(k): v for k, v in programs.total_flops.items()},
+                      ttt_layer={str(k): ttt_lm.ttt_flops_per_token(canonical.config, k)
+                                 for k in programs.total_flops}),
+      variants=results, goal=_goal(results),
+      throughput=layer_throughput(**budget.layer))
+  _plots(out_dir, preset, results, workdirs)
+  common.write_json(os.path.join(out_dir, "results.json"), result)
+  return result
+
+
+def print_throughput(t: dict) -> None:
+  print(f"TTT-Linear {t['heads']}x{t['head_dim']}, seq {t['seq']}, fwd+bwd: grad "
+        f"{t['grad']['tokens_per_s']:.0f} tokens/s, dual {t['dual']['tokens_per_s']:.0f} "
+        f"tokens/s (x{t['dual_speedup']:.2f}); max |grad diff| {t['grad_max_abs_diff']:.2e}")
+
+
+def print_summary(result: dict) -> None:
+  print(f"\n{'variant':22} {'ppl':>8} {'inner F/tok':>11} {'total F/tok':>11} "
+        f"{'us/tok':>7} {'mean k':>6}")
+  for name, r in result["variants"].items():
+    print(f"{name:22} {r['valid_ppl']:8.3f} {r['inner_flops_per_token']:11.0f} "
+          f"{r['total_flops_per_token']:11.0f} {1e6 * r['eval_s_per_token']:7.2f} "
+          f"{r['mean_steps']:6.2f}")
+    for what, c in r.get("correlations", {}).items():
+      print(f"  {what}: spearman {c['spearman']}, pearson {c['pearson']} (n={c['n']})")
+  goal = result["goal"]
+  print(f"Fixed-4's perplexity over SKIP's: {goal['reference_ppl_over_skip']:.4f}")
+  for name, g in goal["by_variant"].items():
+    print(f"goal {name}: ppl x{g['ppl_ratio']:.4f}, inner FLOPs x{g['inner_flops_ratio']:.3f}"
+          f", time x{g['time_ratio']:.3f} -> {'pass' if g['passed'] else 'fail'}")
+  print_throughput(result["throughput"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  budget = BUDGETS[_BUDGET.value]
+  out_dir = _OUT.value
+  if _THROUGHPUT_ONLY.value:
+    path = os.path.join(out_dir, "results.json")
+    result = {}
+    if os.path.exists(path):
+      with open(path) as f:
+        result = json.load(f)
+    result["throughput"] = layer_throughput(**budget.layer)
+    common.write_json(path, result)
+    print_throughput(result["throughput"])
+  else:
+    print_summary(run(out_dir, _PRESET.value, budget, data_dir=_DATA_DIR.value))
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("out")
+  app.run(main)

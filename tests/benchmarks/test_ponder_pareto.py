@@ -1,0 +1,95 @@
+"""benchmarks/ponder_pareto.py end to end on its smoke budget: every variant trained,
+measured and written, FLOPs ordered by k, the adaptive perplexity equal to the
+trainer's own evaluation, and finished runs reused on a rerun.
+
+The benchmark runs once, as its command line, in a child process whose XLA compiles
+without backend optimisation: compiling five variants' train steps is most of its time
+(about a minute on 2 idle CPU cores, two when the cores are shared).
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import ponder_pareto
+from ponder import errors
+from tests.conftest import ROOT, subprocess_env
+
+SMOKE = ponder_pareto.BUDGETS["smoke"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("pareto")
+  env = subprocess_env()
+  env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+  done = subprocess.run([sys.executable, "-m", "benchmarks.ponder_pareto", f"--out={out}",
+                         "--budget=smoke", "--preset=synthetic"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "goal adaptive:" in done.stdout  # The printed summary.
+  return out, json.loads((out / "results.json").read_text())
+
+
+def test_writes_results_and_pictures(run):
+  out, result = run
+  for name in ("pareto.png", "allocation.png", "curves.png"):
+    assert (out / name).stat().st_size > 1000, name
+  names = {v.name for v in ponder_pareto.variants(SMOKE)}
+  assert set(result["variants"]) == names >= {"skip", "fixed1", "fixed2", "fixed4", "adaptive"}
+  for name, r in result["variants"].items():
+    assert math.isfinite(r["valid_ppl"]) and r["valid_ppl"] > 1.0, name
+    assert r["eval_s_per_token"] > 0 and r["steps_trained"] == SMOKE.total_steps["synthetic"]
+    assert (out / name / "curves.png").exists()
+  t = result["throughput"]
+  assert t["grad"]["tokens_per_s"] > 0 and t["dual"]["tokens_per_s"] > 0
+  assert t["grad_max_abs_diff"] < 1e-5  # The two forms compute the same gradients.
+
+
+def test_flops_grow_with_k_and_skip_makes_no_update(run):
+  v = run[1]["variants"]
+  assert v["skip"]["inner_flops_per_token"] == 0 and v["skip"]["mean_steps"] == 0
+  for key in ("inner_flops_per_token", "ttt_layer_flops_per_token", "total_flops_per_token"):
+    assert v["skip"][key] < v["fixed1"][key] < v["fixed2"][key] < v["fixed4"][key], key
+  assert [v[f"fixed{k}"]["mean_steps"] for k in (1, 2, 4)] == [1, 2, 4]
+
+
+def test_adaptive_allocation_costs_and_correlations(run):
+  result = run[1]
+  a, v = result["variants"]["adaptive"], result["variants"]
+  assert 1.0 <= a["mean_steps"] <= 4.0
+  assert sum(a["allocation"]["tokens"].values()) == a["scored_tokens"]
+  assert a["allocation"]["tokens"]["0"] == 0  # Buckets are {1, 2, 4}.
+  assert v["fixed1"]["inner_flops_per_token"] <= a["inner_flops_per_token"]
+  assert a["inner_flops_per_token"] <= v["fixed4"]["inner_flops_per_token"]
+  # The first (SKIP) pass is paid on top of the second.
+  assert a["total_flops_per_token"] > v["skip"]["total_flops_per_token"] + v[
+      "fixed1"]["total_flops_per_token"]
+  for what in ("steps_vs_loss_gain", "entropy_vs_hard_fraction",
+               "allocation_signal_vs_hard_fraction"):
+    c = a["correlations"][what]
+    assert c["n"] > 0 and set(c) == {"spearman", "pearson", "n"}
+  assert result["goal"]["reference_ppl_over_skip"] > 0
+  goal = result["goal"]["by_variant"]["adaptive"]
+  assert goal["passed"] == (goal["ppl_ok"] and goal["inner_flops_ok"] and goal["time_ok"])
+
+
+def test_valid_perplexity_is_the_trainers(run):
+  out, result = run
+  for name, r in result["variants"].items():
+    final = json.loads((out / name / "final_metrics.json").read_text())
+    assert math.isclose(r["valid_ppl"], final["perplexity"], rel_tol=1e-4), name
+
+
+def test_rerun_reuses_a_finished_run_and_refuses_another_config(run):
+  out, _ = run
+  variant = ponder_pareto.variants(SMOKE)[0]
+  cfg = ponder_pareto.variant_config("synthetic", SMOKE, variant)
+  _, _, step, trained_s = ponder_pareto.train_or_load(cfg, str(out / variant.name))
+  assert (step, trained_s) == (SMOKE.total_steps["synthetic"], 0.0)
+  cfg.trainer.total_steps += 1
+  with pytest.raises(errors.ConfigError, match="trainer.total_steps"):
+    ponder_pareto.train_or_load(cfg, str(out / variant.name))
