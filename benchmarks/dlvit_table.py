@@ -199,7 +199,7 @@ def run(budget: Budget, out: str, workdir: str, data_dir: str = "", ratios=(0.5,
       machine=common.machine(), budget=dataclasses.asdict(budget), workdir=workdir,
       batch_size=BATCH, models=rows, goals=check_goals(rows),
       sweep_note=f"keep ratios applied at inference to the model trained at {trained_ratio}",
-      pictures=pictures + [os.path.join(outdir, "sweep.png")])
+      pictures=[os.path.basename(p) for p in pictures] + ["sweep.png"])  # Beside --out.
   common.write_json(out, result)
   return result
 
