@@ -13,7 +13,8 @@ DendriticLiquid-ViT study's table).
    analysis of the jitted inference program at batch 256, over 256); throughput in
    images/s at batch 256, every model interleaved in one measurement so load on the
    machine slows all alike; accuracy under the 15 corruptions x 5 severities of the
-   first --corruption_examples test images (one corrupted set scored by every model).
+   budget's first `corruption_examples` test images (one corrupted set scored by every
+   model).
 3. Keep-ratio sweep: the trained DendriticLiquid-ViT evaluated with inference keep
    ratios 0.5 ... 0.9 (accuracy, FLOPs, throughput in the same interleaved measurement).
    These are one model's inference settings, not models trained at each ratio.
@@ -96,10 +97,6 @@ def train_all(cfgs: dict, workdir: str) -> None:
     trainer.train_and_evaluate(cfgs[name], os.path.join(workdir, name))
 
 
-def _inference(model):
-  return jax.jit(lambda params, images: model.apply({"params": params}, images, train=False))
-
-
 def _tokens_per_block(model, params, images) -> list:
   """Tokens (class token included) each block processes at inference."""
   n = (images.shape[1] // model.patch) * (images.shape[2] // model.patch) + 1
@@ -123,10 +120,10 @@ def measure(models: dict, ds: vision.ImageDataset, budget: Budget, ratios) -> di
     variants[f"dendritic_liquid_vit@{rho:g}"] = (liquid.clone(keep_ratio=rho), liquid_params)
   images = vision.normalise(ds, ds.test_images[:BATCH])
   spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
-  fns = {name: _inference(model) for name, (model, _) in variants.items()}
+  fns = {name: vision_report.inference(model) for name, (model, _) in variants.items()}
   rows = {}
   for name, (model, params) in variants.items():
-    predict = vision_report.predictor(model, params, ds)
+    predict = vision_report.predictor(model, params, ds, apply=fns[name])
     rows[name] = dict(
         test_accuracy=robustness.accuracy(predict, ds.test_images, ds.test_labels, BATCH),
         params=analysis.count_params(params),

@@ -18,9 +18,16 @@ from ponder.analysis import token_maps
 from ponder.data import vision
 
 
-def predictor(model, params, ds: vision.ImageDataset) -> Callable:
-  """fn(images in [0, 1] [b, H, W, C]) -> logits, normalised as in training, jitted."""
-  apply = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
+def inference(model) -> Callable:
+  """The jitted inference program fn(params, normalised images) -> logits."""
+  return jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
+
+
+def predictor(model, params, ds: vision.ImageDataset, apply: Optional[Callable] = None
+              ) -> Callable:
+  """fn(images in [0, 1] [b, H, W, C]) -> logits, normalised as in training; `apply`
+  (default `inference(model)`) lets a caller share one compiled program."""
+  apply = apply or inference(model)
   return lambda images: apply(params, vision.normalise(ds, images, scale=1.0))
 
 

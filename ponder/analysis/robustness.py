@@ -104,10 +104,7 @@ def corruption_report(predicts: Mapping[str, Callable], clean_images: np.ndarray
   """
   if not predicts:
     raise errors.ConfigError("corruption_report needs at least one model")
-  clean_images = np.asarray(clean_images)
-  if clean_images.dtype == np.uint8:
-    clean_images = clean_images.astype(np.float32) / 255.0
-  clean_labels = np.asarray(clean_labels)
+  clean_images, clean_labels = np.asarray(clean_images), np.asarray(clean_labels)
   table = {m: {"clean": accuracy(f, clean_images, clean_labels, batch_size),
                "per_corruption": {}} for m, f in predicts.items()}
   bar = plog.progress(len(names) * len(severities), 0, desc="corruptions")
