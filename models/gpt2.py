@@ -116,7 +116,7 @@ def _dense(features: int, name: str, dtype: Any, std: float = 0.02) -> nn.Dense:
   return nn.Dense(features, dtype=dtype, kernel_init=nn.initializers.normal(std), name=name)
 
 
-def _residual_std(cfg: GPT2Config) -> float:
+def residual_std(cfg: GPT2Config) -> float:
   # Sec. 2.3: residual-layer weights scaled by 1/sqrt(N), N = 2 residual layers per block.
   return 0.02 / math.sqrt(2 * cfg.n_layer)
 
@@ -158,7 +158,7 @@ class Attention(nn.Module):
       out = jax.nn.dot_product_attention(q, k, v, mask=causal[None, None])
     if gate is not None:
       out = out * gate[None, None, :, None].astype(out.dtype)
-    out = _dense(cfg.n_embd, "c_proj", self.dtype, _residual_std(cfg))(
+    out = _dense(cfg.n_embd, "c_proj", self.dtype, residual_std(cfg))(
         out.reshape(b, t, cfg.n_embd))
     out = nn.Dropout(cfg.resid_pdrop, deterministic=not train)(out)
     return out, probs, new_cache
@@ -174,7 +174,7 @@ class Mlp(nn.Module):
     cfg = self.config
     x = _dense(cfg.mlp_dim, "c_fc", self.dtype)(x)
     x = nn.gelu(x, approximate=True)
-    x = _dense(cfg.n_embd, "c_proj", self.dtype, _residual_std(cfg))(x)
+    x = _dense(cfg.n_embd, "c_proj", self.dtype, residual_std(cfg))(x)
     return nn.Dropout(cfg.resid_pdrop, deterministic=not train)(x)
 
 

@@ -9,8 +9,9 @@ in `ttt_positions` carry a TTT layer (`ponder.nn.ttt.TTTLayer`, Sec. 2) in one o
                       place of self-attention, as in the paper's Transformer backbone.
   ttt_mode="add"      x + Attn(LN_1(x)) + TTT(LN_ttt(x)), then x + MLP(LN_2(x)): the TTT
                       layer is an extra residual branch beside attention, reading the
-                      same block input through its own LayerNorm. With TTT's output
-                      projection theta_O = 0 the block is exactly GPT-2's.
+                      same block input through its own LayerNorm. TTT's output
+                      projection theta_O starts at 0, so at initialisation the block
+                      is exactly GPT-2's.
 
 Inner steps (`steps` of `__call__`, passed to every TTT layer):
   None          `config.ttt_steps`: an int k, or "adaptive";
@@ -147,7 +148,13 @@ class TTTBlock(nn.Module):
     layer = ttt.TTTLayer(
         cfg.n_embd, cfg.ttt_heads or cfg.n_head, kind=cfg.ttt_kind,
         mini_batch=cfg.ttt_mini_batch, form=cfg.ttt_form, eta_base=cfg.ttt_eta_base,
-        allowed_steps=cfg.ttt_allowed_steps, dtype=self.dtype, name="ttt")
+        allowed_steps=cfg.ttt_allowed_steps,
+        # Beside attention theta_O starts at 0, so the model starts as GPT-2 and learns
+        # how much of the TTT branch to use; in attention's place it is scaled like
+        # attention's c_proj. (A unit-scale branch at init swamps the 0.02-scale
+        # residual stream: the synthetic preset then stayed near chance for 1500 steps.)
+        out_init_std=0.0 if cfg.ttt_mode == "add" else gpt2.residual_std(cfg),
+        dtype=self.dtype, name="ttt")
     dropout = nn.Dropout(cfg.resid_pdrop, deterministic=not train)
     norm = lambda name: nn.LayerNorm(eps, dtype=self.dtype, name=name)
     if cfg.ttt_mode == "replace":

@@ -413,6 +413,10 @@ class TTTLayer(nn.Module):
   steps: int = 1
   allowed_steps: Sequence[int] = ALLOWED_STEPS
   init_std: float = 0.02  # N(0, std) for projections, theta_lr and W_0 (public code).
+  # N(0, std) for theta_O. The post_norm before it makes z unit-scale, so at 0.02 the
+  # branch starts ~0.02 sqrt(width) per unit, far above a GPT-2 residual stream's: models
+  # pass their residual-branch scale (0 starts a branch beside attention switched off).
+  out_init_std: float = 0.02
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -455,4 +459,4 @@ class TTTLayer(nn.Module):
           f"{jnp.shape(steps)}.")
     z = z.transpose(0, 2, 1, 3).reshape(batch, seq, self.width)
     z = nn.LayerNorm(dtype=self.dtype, name="post_norm")(z)
-    return dense(name="wo")(z)
+    return dense(name="wo", kernel_init=nn.initializers.normal(self.out_init_std))(z)

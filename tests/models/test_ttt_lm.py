@@ -137,6 +137,16 @@ def test_add_mode_with_zero_output_projection_is_plain_gpt2():
                                atol=1e-6, rtol=1e-6)
 
 
+def test_initial_output_projection_keeps_the_residual_stream_gpt2_scaled():
+  # Beside attention theta_O starts at 0 (the test above: the model starts as GPT-2); in
+  # attention's place it has attention's c_proj std, not the unit-scale branch's 0.02.
+  for mode, std in (("add", 0.0), ("replace", gpt2.residual_std(_config()))):
+    model = ttt_lm.TTTLM(_config(ttt_mode=mode, n_embd=64))
+    params = model.init(jax.random.key(0), jnp.zeros((1, MB), jnp.int32))["params"]
+    wo = np.asarray(params["h_1"]["ttt"]["wo"]["kernel"])
+    np.testing.assert_allclose(wo.std(), std, rtol=0.1, atol=1e-12)
+
+
 def test_compiled_flops_fall_with_fewer_steps():
   # One TTT head of head_dim 32 and one mini-batch of 16: the shapes where ttt.py's
   # analytic count is tested against XLA's (whose cost analysis counts a loop body once,
