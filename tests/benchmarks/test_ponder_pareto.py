@@ -75,6 +75,9 @@ def test_adaptive_allocation_costs_and_correlations(run):
   assert result["goal"]["reference_ppl_over_skip"] > 0
   goal = result["goal"]["by_variant"]["adaptive"]
   assert goal["passed"] == (goal["ppl_ok"] and goal["inner_flops_ok"] and goal["time_ok"])
+  g = result["goal"]
+  assert g["inner_steps_help"] == (g["reference_ppl_over_skip"] <= 1 / 1.01)
+  assert g["meaningful_pass"] == (g["passed"] and g["inner_steps_help"])
 
 
 def test_valid_perplexity_is_the_trainers(run):
