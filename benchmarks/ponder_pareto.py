@@ -43,6 +43,10 @@ whole valid split), every variant with its own trained parameters:
   positions against the fraction of its targets that are unpredictable (the source's
   labels), and the same for the causal allocation signal (ponder_alloc's window that ends
   at the mini-batch's first position; before the batch mean of granularity "batch").
+* inner_fit: the inner reconstruction loss of the evaluation batch's mini-batches after
+  1..4 steps from W_0 over the loss before them (`ttt.inner_loss_by_step`, per TTT
+  block and averaged), under each variant's parameters: whether steps past the first
+  still fit the inner objective.
 * goal (issue 6): adaptive's valid perplexity within 1% of Fixed-4's, with at most 65% of
   its inner-loop FLOPs and 75% of its eval wall-clock per token; per adaptive variant.
   reference_ppl_over_skip (Fixed-4's perplexity over SKIP's) says whether the inner steps
@@ -420,6 +424,29 @@ def layer_throughput(*, batch: int, seq: int, width: int, heads: int, runs: int,
   return out
 
 
+_MAX_FIT_STEPS = 4
+
+
+def inner_fit(model: ttt_lm.TTTLM, params, inputs) -> dict:
+  """`ttt.inner_loss_by_step` of every TTT layer of a trained variant on `inputs`: the
+  inner reconstruction loss after j = 0..4 steps from W_0 relative to j = 0, per block
+  and averaged. Whether steps past the first still fit the inner objective, so whether
+  there is anything for Fixed-2/4 and the adaptive allocation to buy."""
+  cfg = model.config
+  _, aux = model.apply({"params": params}, inputs, train=False, steps=0,
+                       mutable=["intermediates"])
+  fit = jax.jit(functools.partial(ttt.inner_loss_by_step, kind=cfg.ttt_kind,
+                                  mini_batch=cfg.ttt_mini_batch, max_steps=_MAX_FIT_STEPS))
+  by_block = {}
+  for i in cfg.ttt_positions:
+    p = params[f"h_{i}"]["ttt"]
+    (xk, xv, eta), = aux["intermediates"][f"h_{i}"]["ttt"]["views"]
+    by_block[f"h_{i}"] = np.asarray(fit(p["ttt_state"], xk, xv, eta, p["ttt_norm_scale"],
+                                        p["ttt_norm_bias"])).tolist()
+  return dict(relative_loss_by_block=by_block,
+              relative_loss=np.mean(list(by_block.values()), axis=0).tolist())
+
+
 def _plots(out_dir: str, preset: str, results: dict, workdirs: dict) -> None:
   points = [dict(r, label=name, group="adaptive" if r["mode"] == "adaptive" else "fixed k",
                  eval_us_per_token=1e6 * r["eval_s_per_token"]) for name, r in results.items()]
@@ -480,7 +507,8 @@ def run(out_dir: str, preset: str, budget: Budget, *, data_dir: str = "",
                          workdir=workdirs[name], steps_trained=int(step),
                          ponder_target=list(variant.target), ponder_budget=variant.budget,
                          train_s_per_step=_train_speed(workdirs[name]),
-                         trained_now_s=trained_s)
+                         trained_now_s=trained_s,
+                         inner_fit=inner_fit(task.model, params, timing_inputs))
     if variant.mode == "adaptive":  # The model's own two-pass program.
       fn = jax.jit(functools.partial(_logits, task.model)).lower(params, timing_inputs).compile()
     else:
@@ -524,6 +552,8 @@ def print_summary(result: dict) -> None:
     print(f"{name:22} {r['valid_ppl']:8.3f} {r['inner_flops_per_token']:11.0f} "
           f"{r['total_flops_per_token']:11.0f} {1e6 * r['eval_s_per_token']:7.2f} "
           f"{r['mean_steps']:6.2f}")
+    fit = ", ".join(f"{x:.3f}" for x in r["inner_fit"]["relative_loss"][1:])
+    print(f"  inner loss after 1..{_MAX_FIT_STEPS} steps from W_0 (x step 0): {fit}")
     for what, c in r.get("correlations", {}).items():
       print(f"  {what}: spearman {c['spearman']}, pearson {c['pearson']} (n={c['n']})")
   goal = result["goal"]

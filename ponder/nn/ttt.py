@@ -267,6 +267,42 @@ def ttt_scan(state, xq, xk, xv, eta, ln_scale, ln_bias, *, kind: str = "linear",
   return _scan(step, state, xq, xk, xv, eta[:, :, None, :], mini_batch)
 
 
+def inner_loss_by_step(state, xk, xv, eta, ln_scale, ln_bias, *, kind: str = "linear",
+                       mini_batch: int = 16, max_steps: int = 4) -> jax.Array:
+  """How well k inner steps fit the inner objective: a diagnostic of the inner loop.
+
+  Every mini-batch starts from the learned W_0 and takes full steps on its whole loss,
+  W^(j) = W^(j-1) - grad_W sum_s eta_s l(W; x_s) (the last token's trajectory of the
+  update rule above). Returns [max_steps + 1]: the mean over batch, heads and
+  mini-batches of L(W^(j)) / L(W_0), with L = sum_s l(W; x_s) the unweighted
+  reconstruction loss of the mini-batch. Entry 0 is 1; if entry 1 is already close to
+  entry max_steps, steps past the first barely change the fast weights' fit.
+
+  Args: state W_0 per head ({"W1", "b1"}, ... each [heads, ...]: the layer's
+  ttt_state); xk, xv [batch, heads, seq, head_dim] and eta [batch, heads, seq] (the
+  layer's views: `TTTLayer` sows them as intermediates "views"); ln_scale, ln_bias
+  [heads, head_dim].
+  """
+  batch, heads, seq, dim = xk.shape
+  n = seq // mini_batch
+  loss = functools.partial(inner_loss, kind=kind)
+
+  def one(w, k, v, e, scale, bias):  # One head, one mini-batch.
+    ones = jnp.ones_like(e)
+    first = loss(w, k, v, ones, scale, bias)
+    ratios = [jnp.ones_like(first)]
+    for _ in range(max_steps):
+      w = jax.tree.map(lambda a, g: a - g, w, jax.grad(loss)(w, k, v, e, scale, bias))
+      ratios.append(loss(w, k, v, ones, scale, bias) / first)
+    return jnp.stack(ratios)
+
+  split = lambda x: x.reshape(batch, heads, n, mini_batch, *x.shape[3:])
+  per_mb = jax.vmap(one, in_axes=(None, 0, 0, 0, None, None))  # mini-batches
+  per_head = jax.vmap(per_mb, in_axes=(0, 0, 0, 0, 0, 0))
+  per_row = jax.vmap(per_head, in_axes=(None, 0, 0, 0, None, None))
+  return per_row(state, split(xk), split(xv), split(eta), ln_scale, ln_bias).mean((0, 1, 2))
+
+
 def _concrete(x) -> Optional[np.ndarray]:
   """x as numpy when it is not traced (so its values can be checked), else None."""
   try:
@@ -439,6 +475,8 @@ class TTTLayer(nn.Module):
     xq, xk, xv = (split_heads(dense(name=n)(x)) for n in ("wq", "wk", "wv"))
     lr = nn.Dense(heads, kernel_init=init, dtype=self.dtype, name="learnable_ttt_lr")(x)
     eta = (self.eta_base / head_dim) * jax.nn.sigmoid(lr).transpose(0, 2, 1)
+    # For diagnostics (`inner_loss_by_step`): apply with mutable=["intermediates"].
+    self.sow("intermediates", "views", (xk, xv, eta))
     inner = self.param("ttt_state", lambda key: init_inner_params(
         key, heads, head_dim, kind=self.kind, std=self.init_std))
     state = jax.tree.map(lambda w: jnp.broadcast_to(w, (batch,) + w.shape), inner)

@@ -44,6 +44,9 @@ def test_writes_results_and_pictures(run):
     assert math.isfinite(r["valid_ppl"]) and r["valid_ppl"] > 1.0, name
     assert r["eval_s_per_token"] > 0 and r["steps_trained"] == SMOKE.total_steps["synthetic"]
     assert (out / name / "curves.png").exists()
+    fit = r["inner_fit"]  # ttt.inner_loss_by_step, tested against a reference there.
+    assert set(fit["relative_loss_by_block"]) == {"h_1"}  # The smoke model's TTT block.
+    assert len(fit["relative_loss"]) == 5 and fit["relative_loss"][0] == 1.0
   t = result["throughput"]
   assert t["grad"]["tokens_per_s"] > 0 and t["dual"]["tokens_per_s"] > 0
   assert t["grad_max_abs_diff"] < 1e-5  # The two forms compute the same gradients.

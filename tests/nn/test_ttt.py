@@ -242,6 +242,40 @@ def test_switch_with_mixed_steps_equals_per_token_steps():
     chex.assert_trees_all_close(switch, per_token, atol=1e-6)
 
 
+def test_inner_loss_by_step_follows_the_reference_update():
+  # One mini-batch per row, so the reference's state after it is W^(j) of every row.
+  kind, max_steps = "linear", 3
+  state, _, xk, xv, eta, ln_scale, ln_bias = inputs = make_inputs(kind, seq=MB)
+  w0 = jax.tree.map(lambda w: w[0], state)  # make_inputs broadcasts W_0 over the batch.
+  got = jax.jit(functools.partial(ttt.inner_loss_by_step, mini_batch=MB,
+                                  max_steps=max_steps))(w0, xk, xv, eta, ln_scale, ln_bias)
+  loss = lambda w, i, h: sum(
+      float(jnp.sum(jnp.square(_f_jit(w, xk[i, h, s], ln_scale[h], ln_bias[h], kind)
+                               - xv[i, h, s]))) for s in range(MB))
+  expected = [1.0]
+  for j in range(1, max_steps + 1):
+    _, final = reference_ttt(inputs, np.full((BATCH, MB), j), kind=kind, mini_batch=MB)
+    expected.append(np.mean([
+        loss({n: w[i, h] for n, w in final.items()}, i, h)
+        / loss({n: w[h] for n, w in w0.items()}, i, h)
+        for i in range(BATCH) for h in range(HEADS)]))
+  chex.assert_shape(got, (max_steps + 1,))
+  np.testing.assert_allclose(got, expected, rtol=1e-4)
+  assert got[1] < 1.0  # These learning rates do fit the inner objective.
+
+
+def test_layer_sows_its_views_for_the_diagnostic():
+  layer = ttt.TTTLayer(8, 2, mini_batch=MB)
+  x = jax.random.normal(jax.random.key(0), (1, SEQ, 8))
+  params = layer.init(jax.random.key(1), x, train=False)["params"]
+  _, aux = layer.apply({"params": params}, x, train=False, mutable=["intermediates"])
+  xk, xv, eta = aux["intermediates"]["views"][0]
+  chex.assert_shape((xk, xv, eta), ((1, 2, SEQ, 4), (1, 2, SEQ, 4), (1, 2, SEQ)))
+  np.testing.assert_allclose(
+      xk, (x @ params["wk"]["kernel"]).reshape(1, SEQ, 2, 4).transpose(0, 2, 1, 3),
+      rtol=1e-5, atol=1e-6)
+
+
 def _count(jaxpr, name):
   """Equations of primitive `name` in a jaxpr, nested ones included."""
   total = 0
