@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from train import trainer
+
 
 def cpu_name() -> str:
   try:
@@ -114,3 +116,14 @@ def torch_train_step(model, cfg, steps: int, loss_of):
   run()
   info["first_step_s"] = time.perf_counter() - start
   return run, info
+
+
+def train(cfg, workdir: str, echo=print) -> dict:
+  """`trainer.train_and_evaluate`, except that a SIGTERM ends the whole benchmark: the
+  trainer checkpoints the run and returns, and a benchmark that went on to its next run
+  would ignore the signal. Rerunning the benchmark resumes the run."""
+  result = trainer.train_and_evaluate(cfg, workdir, echo=echo)
+  if result["preempted"]:
+    raise SystemExit(f"stopped by SIGTERM; {workdir} is checkpointed: rerun the same "
+                     "command to resume.")
+  return result

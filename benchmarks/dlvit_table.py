@@ -94,7 +94,7 @@ def train_all(cfgs: dict, workdir: str) -> None:
   """Trains (or resumes, or reuses) each run; the baseline first: it is the teacher."""
   for name in MODELS:
     print(f"== {name}: {cfgs[name].trainer.total_steps} steps in {workdir}/{name}")
-    trainer.train_and_evaluate(cfgs[name], os.path.join(workdir, name))
+    common.train(cfgs[name], os.path.join(workdir, name))
 
 
 def _tokens_per_block(model, params, images) -> list:

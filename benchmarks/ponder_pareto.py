@@ -204,7 +204,7 @@ def train_or_load(cfg, workdir: str, echo: Callable = print):
       step = json.load(f)["step"]
   if step < cfg.trainer.total_steps:
     start = time.perf_counter()
-    trainer.train_and_evaluate(cfg, workdir, echo=echo)
+    common.train(cfg, workdir, echo=echo)
     trained_s = time.perf_counter() - start
   _, task, params, step, _ = trainer.restore_run(workdir)
   return task, params, step, trained_s

@@ -39,7 +39,8 @@ def main(argv):
   except errors.PonderError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  metrics = {k: v for k, v in result.items() if k not in ("state", "resumed_from")}
+  metrics = {k: v for k, v in result.items()
+             if k not in ("state", "resumed_from", "preempted")}
   if metrics:
     print("final: " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in metrics.items()))

@@ -283,4 +283,5 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
         json.dump({"step": int(state.step), **eval_metrics}, f, indent=2)
     plots.training_curves(plog.read_metrics(workdir), os.path.join(workdir, "curves.png"),
                           title=f"{cfg.model.name} ({workdir})")
-  return dict(eval_metrics, state=state, resumed_from=resumed_from)
+  return dict(eval_metrics, state=state, resumed_from=resumed_from,
+              preempted=preempt.requested)
