@@ -20,7 +20,7 @@ fast), SKIP / Fixed-1 / Fixed-2 / Fixed-4 / adaptive:
   wikitext2  3.8 / 4.2 / 5.0 / 6.2 / 8.2 (100 steps: 6-14 min a run; GPT-2's output
              layer over 50,257 tokens is most of it)
 Adaptive costs as much as Fixed-4 to train: its gradient goes through a lax.switch per
-mini-batch. No perplexity of these presets is recorded yet (WORKSPACE.md has none).
+mini-batch. WORKSPACE.md records both presets' Pareto runs (benchmarks/ponder_pareto.py).
 """
 
 import ml_collections
