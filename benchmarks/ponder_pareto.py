@@ -427,22 +427,34 @@ def layer_throughput(*, batch: int, seq: int, width: int, heads: int, runs: int,
 _MAX_FIT_STEPS = 4
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def _ttt_views(model: ttt_lm.TTTLM, params, inputs) -> dict:
+  """Every TTT layer's sown (xk, xv, eta) on `inputs` (a SKIP pass: views ignore k)."""
+  _, aux = model.apply({"params": params}, inputs, train=False, steps=0,
+                       mutable=["intermediates"])
+  return aux["intermediates"]
+
+
+_inner_loss_by_step = jax.jit(ttt.inner_loss_by_step,
+                              static_argnames=("kind", "mini_batch", "max_steps"))
+
+
 def inner_fit(model: ttt_lm.TTTLM, params, inputs) -> dict:
   """`ttt.inner_loss_by_step` of every TTT layer of a trained variant on `inputs`: the
   inner reconstruction loss after j = 0..4 steps from W_0 relative to j = 0, per block
   and averaged. Whether steps past the first still fit the inner objective, so whether
-  there is anything for Fixed-2/4 and the adaptive allocation to buy."""
+  there is anything for Fixed-2/4 and the adaptive allocation to buy. Pass the
+  `_canonical` model: then every variant reuses one compiled program."""
   cfg = model.config
-  _, aux = model.apply({"params": params}, inputs, train=False, steps=0,
-                       mutable=["intermediates"])
-  fit = jax.jit(functools.partial(ttt.inner_loss_by_step, kind=cfg.ttt_kind,
-                                  mini_batch=cfg.ttt_mini_batch, max_steps=_MAX_FIT_STEPS))
+  views = _ttt_views(model, params, inputs)
   by_block = {}
   for i in cfg.ttt_positions:
     p = params[f"h_{i}"]["ttt"]
-    (xk, xv, eta), = aux["intermediates"][f"h_{i}"]["ttt"]["views"]
-    by_block[f"h_{i}"] = np.asarray(fit(p["ttt_state"], xk, xv, eta, p["ttt_norm_scale"],
-                                        p["ttt_norm_bias"])).tolist()
+    (xk, xv, eta), = views[f"h_{i}"]["ttt"]["views"]
+    by_block[f"h_{i}"] = np.asarray(_inner_loss_by_step(
+        p["ttt_state"], xk, xv, eta, p["ttt_norm_scale"], p["ttt_norm_bias"],
+        kind=cfg.ttt_kind, mini_batch=cfg.ttt_mini_batch,
+        max_steps=_MAX_FIT_STEPS)).tolist()
   return dict(relative_loss_by_block=by_block,
               relative_loss=np.mean(list(by_block.values()), axis=0).tolist())
 
@@ -508,7 +520,7 @@ def run(out_dir: str, preset: str, budget: Budget, *, data_dir: str = "",
                          ponder_target=list(variant.target), ponder_budget=variant.budget,
                          train_s_per_step=_train_speed(workdirs[name]),
                          trained_now_s=trained_s,
-                         inner_fit=inner_fit(task.model, params, timing_inputs))
+                         inner_fit=inner_fit(canonical, params, timing_inputs))
     if variant.mode == "adaptive":  # The model's own two-pass program.
       fn = jax.jit(functools.partial(_logits, task.model)).lower(params, timing_inputs).compile()
     else:
