@@ -51,7 +51,8 @@ def jitted_train_step(loss_fn, cfg, params, batch):
   state between calls.
 
   Returns (run, info): info holds compile_s and train_flops_per_step_compiled, and
-  each run leaves its loss in info["final_loss"].
+  each run leaves its loss in info["final_loss"]; run.compiled is the compiled step
+  (for `op_breakdown`).
   """
   from ponder import analysis  # pylint: disable=g-import-not-at-top
   from train import trainer  # pylint: disable=g-import-not-at-top
@@ -74,7 +75,32 @@ def jitted_train_step(loss_fn, cfg, params, batch):
     info["final_loss"] = metrics["loss"]
     return state, metrics
 
+  run.compiled = compiled
   return run, info
+
+
+def op_breakdown(run, *, top: int = 8, runs: int = 2) -> dict:
+  """Where the time of a `jitted_train_step` goes: its `top` XLA ops by time per step,
+  each with ms, share of the profiled step, result shape and the jax op it came from.
+  Shares are of the summed op times (`analysis.op_profile`), which the profiler
+  inflates a little and concurrent ops can push past the wall time."""
+  from ponder import analysis  # pylint: disable=g-import-not-at-top
+  seconds = analysis.op_profile(run, module=analysis.hlo_module_name(run.compiled),
+                                runs=runs)
+  info = analysis.hlo_op_info(run.compiled)
+  total = sum(seconds.values())
+  return dict(summed_op_s=total, ops=[
+      dict(op=name, ms=1e3 * s, share=s / total, **info.get(name, {}))
+      for name, s in list(seconds.items())[:top]])
+
+
+def torch_matmul_peak(n: int = 2048) -> float:
+  """PyTorch's dense n x n float32 matmul FLOP/s on this machine (the XLA side's is
+  `analysis.matmul_peak_flops`); MFU takes the better of the two as the peak."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from ponder import analysis  # pylint: disable=g-import-not-at-top
+  a = torch.randn(n, n)
+  return 2 * n ** 3 / analysis.measure(lambda: a @ a)["median_s"]
 
 
 def torch_train_step(model, cfg, steps: int, loss_of):

@@ -16,6 +16,12 @@ All three start from the same weights (ponder's initialisation written with
 dropout off, so their final losses agree: a check that they compute the same thing.
 The sides step in round robin and the median synced step time is kept.
 
+MFU: compiled training FLOPs per step (XLA's count for ponder's step) x steps/s over
+the machine's measured dense-matmul FLOP/s (the better of XLA's and torch's);
+`goal_needs_mfu` is the MFU a step at 1.2x the faster peer would need. `top_ops`, for
+the two JAX sides, is where their step's time goes, op by op, from a profiler trace
+taken after the timed steps.
+
 Decoding: `gpt2.generate` with the key/value cache against full recomputation at every
 step (`use_cache=False`), greedy, batch 1; tokens/s of new tokens.
 """
@@ -90,7 +96,7 @@ def _torch_step(cfg, directory, tokens, total_steps):
   return common.torch_train_step(model, cfg, total_steps, loss_of)
 
 
-def _training(cfg, *, warmup: int, runs: int) -> dict:
+def _training(cfg, *, warmup: int, runs: int, peak: float) -> dict:
   model = tasks.build_lm_model(cfg, VOCAB)
   bs, seq = cfg.trainer.batch_size, cfg.data.seq_len
   tokens = np.random.default_rng(cfg.seed).integers(0, VOCAB, (bs, seq + 1)).astype(np.int32)
@@ -116,9 +122,16 @@ def _training(cfg, *, warmup: int, runs: int) -> dict:
   for name in ("ponder", "hf_flax"):
     steps[name]()  # So that every side has taken the same number of steps.
   print(f"timing {', '.join(steps)} in round robin ...", flush=True)
-  for side, timing in analysis.measure_interleaved(steps, warmup=warmup, runs=runs).items():
-    out[side].update(timing, final_loss=float(out[side]["final_loss"]),
-                     tokens_per_s=bs * seq / timing["median_s"])
+  timings = analysis.measure_interleaved(steps, warmup=warmup, runs=runs)
+  final_losses = {side: float(out[side]["final_loss"]) for side in steps}
+  print("profiling the two JAX steps op by op ...", flush=True)  # Steps on: losses first.
+  for side in ("ponder", "hf_flax"):
+    out[side]["top_ops"] = common.op_breakdown(steps[side])
+  flops = out["ponder"]["train_flops_per_step_compiled"]
+  for side, timing in timings.items():
+    out[side].update(timing, final_loss=final_losses[side],
+                     tokens_per_s=bs * seq / timing["median_s"],
+                     mfu=flops / timing["median_s"] / peak)
   return out
 
 
@@ -149,11 +162,19 @@ def _print_summary(result: dict) -> None:
         f"1-min load {m['load_average_start'][0]:.2f} -> {m['load_average_end'][0]:.2f}")
   print(f"GPT-2 {t['n_layer']}x{t['n_embd']} ({t['params']:,} params), batch "
         f"{t['batch_size']} x seq {t['seq_len']}\n")
-  print(f"{'side':8} {'tokens/s':>9} {'step ms':>8} {'ponder x':>8} {'final loss':>10}")
+  print(f"{'side':8} {'tokens/s':>9} {'step ms':>8} {'MFU':>6} {'ponder x':>8} "
+        f"{'final loss':>10}")
   for side in ("ponder", "hf_flax", "torch"):
     s = t[side]
-    print(f"{side:8} {s['tokens_per_s']:9.0f} {1e3 * s['median_s']:8.1f} "
+    print(f"{side:8} {s['tokens_per_s']:9.0f} {1e3 * s['median_s']:8.1f} {s['mfu']:6.1%} "
           f"{t['ponder']['tokens_per_s'] / s['tokens_per_s']:8.2f} {s['final_loss']:10.6f}")
+  print(f"matmul peak {result['peak_matmul_flops'] / 1e9:.1f} GFLOP/s; 1.2x the faster peer "
+        f"needs MFU {result['goal_needs_mfu']:.1%}")
+  for side in ("ponder", "hf_flax"):
+    print(f"\n{side}'s step, op by op (profiled):")
+    for op in t[side]["top_ops"]["ops"]:
+      print(f"  {op['ms']:7.1f} ms {op['share']:6.1%}  {op.get('shape', '?'):20} "
+            f"{op.get('source', '').split('/', 1)[-1][-60:]}")
   d = result["decoding"]
   print(f"\ndecoding (batch 1, {d['new_tokens']} new tokens): cache "
         f"{d['cache_tokens_per_s']:.0f} tokens/s, recompute "
@@ -174,7 +195,8 @@ def main(argv):
   result = dict(machine=common.machine(torch_version=torch.__version__,
                                        transformers_version=transformers.__version__,
                                        torch_num_threads=torch.get_num_threads()))
-  training = _training(cfg, warmup=1 if quick else _WARMUP.value, runs=runs)
+  peak = max(analysis.matmul_peak_flops(), common.torch_matmul_peak())
+  training = _training(cfg, warmup=1 if quick else _WARMUP.value, runs=runs, peak=peak)
   decoding = _decoding(cfg, new_tokens=32 if quick else _DECODE_TOKENS.value, runs=runs)
   best_peer = max(training["hf_flax"]["tokens_per_s"], training["torch"]["tokens_per_s"])
   result.update(
@@ -183,6 +205,9 @@ def main(argv):
       hf_flax_tokens_per_s=training["hf_flax"]["tokens_per_s"],
       torch_tokens_per_s=training["torch"]["tokens_per_s"],
       speedup_vs_best_peer=training["ponder"]["tokens_per_s"] / best_peer,
+      peak_matmul_flops=peak,
+      goal_needs_mfu=1.2 * best_peer * training["ponder"]["mfu"]
+      / training["ponder"]["tokens_per_s"],
       decode_cache_speedup=decoding["cache_speedup"])
   result["machine"]["load_average_end"] = os.getloadavg()
   _print_summary(result)

@@ -85,12 +85,6 @@ def _torch_step(cfg, host_params, image_shape, num_classes, images, labels, *, c
                                  lambda: F.cross_entropy(forward(x), y))
 
 
-def _torch_matmul_peak(n: int = 2048) -> float:
-  a = torch.randn(n, n)
-  seconds = analysis.measure(lambda: a @ a)["median_s"]
-  return 2 * n ** 3 / seconds
-
-
 def _analytic_forward_flops(cfg, image_shape, num_classes) -> int:
   return analysis.vit_flops(
       image_size=image_shape[0], patch=cfg.model.patch, channels=image_shape[2],
@@ -230,7 +224,7 @@ def _run(presets, *, quick: bool, warmup: int, runs: int) -> dict:
   result = dict(machine=_machine(torch.get_num_threads()))
   start = time.perf_counter()
   xla_peak = analysis.matmul_peak_flops()
-  torch_peak = _torch_matmul_peak()
+  torch_peak = common.torch_matmul_peak()
   peak = max(xla_peak, torch_peak)
   result.update(peak_matmul_flops=peak, peak_matmul_flops_xla=xla_peak,
                 peak_matmul_flops_torch=torch_peak)

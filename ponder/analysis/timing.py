@@ -6,9 +6,14 @@ the dispatch, not the work: every timed call here is followed by `sync`
 run untimed; the median of the timed runs resists the noise of a shared machine.
 """
 
+import collections
+import glob
+import os
+import re
 import statistics
+import tempfile
 import time
-from typing import Any, Callable, Dict, Mapping, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -84,3 +89,65 @@ def matmul_peak_flops(sizes: Sequence[int] = (1024, 2048), *, dtype=jnp.float32,
     seconds = measure(lambda: matmul(a, a), warmup=warmup, runs=runs)["median_s"]
     best = max(best, 2 * n ** 3 / seconds)
   return best
+
+
+_HLO_LINE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+\[[\d,]*\])")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def hlo_module_name(compiled) -> str:
+  """The HLO module name of a `jax.stages.Compiled` ("jit_train_step"), as the profiler
+  reports it."""
+  match = re.match(r"HloModule ([\w.\-]+)", compiled.as_text())
+  if not match:
+    raise errors.PonderError("the compiled program's text does not start with its HloModule")
+  return match.group(1)
+
+
+def hlo_op_info(compiled) -> Dict[str, dict]:
+  """Per instruction of a `jax.stages.Compiled`: its result `shape` ("f32[2048,50257]")
+  and `source` (the jax op it came from, e.g. ".../wte.attend/dot_general"; "" when XLA
+  made it up). Tuple-shaped instructions are left out."""
+  info = {}
+  for line in compiled.as_text().splitlines():
+    match = _HLO_LINE.match(line)
+    if match:
+      source = _OP_NAME.search(line)
+      info[match.group(1)] = dict(shape=match.group(2), source=source.group(1) if source else "")
+  return info
+
+
+def op_profile(run: Callable[[], Any], *, module: Optional[str] = None, runs: int = 3,
+               sync: Callable[[Any], Any] = jax.block_until_ready) -> Dict[str, float]:
+  """Mean seconds per call of `run()` spent in each XLA instruction (kernel, fusion,
+  library call) of the compiled `module` (e.g. "jit_train_step"; None: every module
+  that ran), from a `jax.profiler` trace of `runs` synced calls, largest first.
+
+  Where a step's time goes decides what is worth optimising; the wall clock of the
+  whole step cannot say it. Keys are HLO names (look them up with `hlo_op_info`). Call
+  `run` once before, so that compilation stays out of the trace. An op's time is its
+  span on the thread that ran it; independent ops may run at the same time (XLA:CPU's
+  thunk executor does that), so the times can add up to more than the wall time.
+  """
+  if runs < 1:
+    raise errors.ConfigError(f"need runs >= 1, got {runs}")
+  with tempfile.TemporaryDirectory(prefix="ponder_profile_") as log_dir:
+    with jax.profiler.trace(log_dir):
+      for _ in range(runs):
+        sync(run())
+    traces = glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True)
+    if not traces:
+      raise errors.PonderError(f"jax.profiler wrote no trace under {log_dir}")
+    profile = jax.profiler.ProfileData.from_file(traces[0])
+  # On an accelerator the device planes hold the kernels' own spans; the host's
+  # launch events may carry the same op names, so they are left out there.
+  planes = ([p for p in profile.planes if p.name.startswith("/device:")]
+            or list(profile.planes))
+  seconds = collections.Counter()
+  for plane in planes:
+    for line in plane.lines:
+      for event in line.events:
+        stats = dict(event.stats)
+        if "hlo_op" in stats and module in (None, stats.get("hlo_module")):
+          seconds[stats["hlo_op"]] += event.duration_ns * 1e-9 / runs
+  return dict(seconds.most_common())

@@ -136,6 +136,36 @@ def test_measure_interleaved_takes_turns():
   assert set(result) == {"a", "b"} and all(len(r["times_s"]) == 2 for r in result.values())
 
 
+def test_op_profile_attributes_time_to_the_compiled_program_s_ops():
+  """A 512^3 matmul beside a 4-element add: the profile must name instructions of the
+  compiled module (with shapes and jax sources from its HLO), put the matmul first,
+  and leave out a second program that runs in the same call."""
+  @jax.jit
+  def main(a, b, c):  # Modules are named after their function: jit_main.
+    return jnp.tanh(a @ b), c + 1.0
+
+  @jax.jit
+  def other(a):
+    return a * 2.0
+
+  a, c = jnp.ones((512, 512)), jnp.ones((4,))
+  compiled = main.lower(a, a, c).compile()
+  run = lambda: (compiled(a, a, c), other(a))
+  jax.block_until_ready(run())
+  module = analysis.hlo_module_name(compiled)
+  assert module == "jit_main"
+  seconds = analysis.op_profile(run, module=module, runs=2)
+  info = analysis.hlo_op_info(compiled)
+  assert seconds and set(seconds) <= set(info), (seconds, sorted(info))
+  assert list(seconds.values()) == sorted(seconds.values(), reverse=True)
+  top = info[next(iter(seconds))]
+  assert top["shape"] == "f32[512,512]" and "dot_general" in top["source"], top
+  everything = analysis.op_profile(run, runs=1)
+  assert len(everything) > len(seconds)  # The other program's multiply is in there.
+  with pytest.raises(errors.ConfigError, match="runs >= 1"):
+    analysis.op_profile(run, runs=0)
+
+
 def test_latency_throughput_and_matmul_peak_are_positive_rates():
   speed = analysis.latency_and_throughput(lambda p, x: x @ p, jnp.ones((8, 4)), (8,),
                                           batch_size=16, warmup=1, runs=2)

@@ -1,15 +1,22 @@
-"""benchmarks/common.py's training wrapper: a SIGTERM stops the whole benchmark."""
+"""benchmarks/common.py: a SIGTERM stops the whole benchmark; the op-by-op breakdown
+of a jitted train step."""
 
+import functools
 import os
 import signal
 import threading
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import common
+from configs import gpt2_lm
 from configs import vit as vit_config
 from ponder import checkpoint as ckpt_lib
+from train import tasks
 
 
 def test_sigterm_checkpoints_the_run_and_stops_the_benchmark(tmp_path):
@@ -29,3 +36,25 @@ def test_sigterm_checkpoints_the_run_and_stops_the_benchmark(tmp_path):
     common.train(cfg, str(tmp_path), echo=lambda s: None)
   step = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).latest_step()
   assert step is not None and 2 <= step < 10_000
+
+
+def test_op_breakdown_names_the_train_step_s_own_ops_largest_first():
+  """A GPT-2 step whose 4096-way output layer is most of its work: the breakdown's
+  first op must be one of the output layer's matmuls, and profiling takes steps."""
+  cfg = gpt2_lm.get_config("smoke")
+  vocab = 4096
+  model = tasks.build_lm_model(cfg, vocab)
+  tokens = np.random.default_rng(0).integers(0, vocab, (8, 33)).astype(np.int32)
+  batch = {"tokens": jnp.asarray(tokens)}
+  params = model.init(jax.random.key(0), batch["tokens"][:, :-1])["params"]
+  run, info = common.jitted_train_step(functools.partial(tasks.lm_loss, model=model),
+                                       cfg, params, batch)
+  state, _ = run()
+  breakdown = common.op_breakdown(run, top=4, runs=2)
+  ops = breakdown["ops"]
+  assert len(ops) == 4 and breakdown["summed_op_s"] > 0
+  assert [op["ms"] for op in ops] == sorted((op["ms"] for op in ops), reverse=True)
+  assert 0 < sum(op["share"] for op in ops) <= 1 + 1e-9
+  assert "wte.attend/dot_general" in ops[0]["source"] and str(vocab) in ops[0]["shape"], ops
+  state, _ = run()
+  assert int(state.step) == 4  # The first run, two profiled, this one.
