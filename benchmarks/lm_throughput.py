@@ -124,7 +124,8 @@ def _training(cfg, *, warmup: int, runs: int, peak: float) -> dict:
   print(f"timing {', '.join(steps)} in round robin ...", flush=True)
   timings = analysis.measure_interleaved(steps, warmup=warmup, runs=runs)
   final_losses = {side: float(out[side]["final_loss"]) for side in steps}
-  print("profiling the two JAX steps op by op ...", flush=True)  # Steps on: losses first.
+  # Profiling takes more steps: the final losses are read before it.
+  print("profiling the two JAX steps op by op ...", flush=True)
   for side in ("ponder", "hf_flax"):
     out[side]["top_ops"] = common.op_breakdown(steps[side])
   flops = out["ponder"]["train_flops_per_step_compiled"]

@@ -39,22 +39,24 @@ def test_sigterm_checkpoints_the_run_and_stops_the_benchmark(tmp_path):
 
 
 def test_op_breakdown_names_the_train_step_s_own_ops_largest_first():
-  """A GPT-2 step whose 4096-way output layer is most of its work: the breakdown's
-  first op must be one of the output layer's matmuls, and profiling takes steps."""
+  """A GPT-2 step whose 16,384-way output layer of width 128 is most of its work: the
+  breakdown's first op must be one of that layer's three matmuls (forward, and the
+  gradients of its input and of the tied embedding), and profiling takes steps."""
   cfg = gpt2_lm.get_config("smoke")
-  vocab = 4096
+  cfg.model.n_embd, vocab = 128, 16384
   model = tasks.build_lm_model(cfg, vocab)
   tokens = np.random.default_rng(0).integers(0, vocab, (8, 33)).astype(np.int32)
   batch = {"tokens": jnp.asarray(tokens)}
   params = model.init(jax.random.key(0), batch["tokens"][:, :-1])["params"]
-  run, info = common.jitted_train_step(functools.partial(tasks.lm_loss, model=model),
-                                       cfg, params, batch)
-  state, _ = run()
-  breakdown = common.op_breakdown(run, top=4, runs=2)
+  run, _ = common.jitted_train_step(functools.partial(tasks.lm_loss, model=model),
+                                    cfg, params, batch)
+  for _ in range(3):  # The first calls also pay for thread pools and caches.
+    run()
+  breakdown = common.op_breakdown(run, top=4, runs=3)
   ops = breakdown["ops"]
   assert len(ops) == 4 and breakdown["summed_op_s"] > 0
   assert [op["ms"] for op in ops] == sorted((op["ms"] for op in ops), reverse=True)
   assert 0 < sum(op["share"] for op in ops) <= 1 + 1e-9
-  assert "wte.attend/dot_general" in ops[0]["source"] and str(vocab) in ops[0]["shape"], ops
+  assert "wte.attend/dot_general" in ops[0]["source"], ops
   state, _ = run()
-  assert int(state.step) == 4  # The first run, two profiled, this one.
+  assert int(state.step) == 7  # Three runs, three profiled, this one.
