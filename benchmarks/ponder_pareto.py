@@ -92,7 +92,7 @@ from models import ttt_lm
 from ponder import analysis
 from ponder import errors
 from ponder import lm
-from ponder import logging as plog
+from ponder import metric_log as plog
 from ponder.nn import ponder_alloc
 from ponder.nn import ttt
 from train import trainer

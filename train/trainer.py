@@ -27,7 +27,7 @@ import optax
 from ponder import checkpoint as ckpt_lib
 from ponder.analysis import plots
 from ponder import errors
-from ponder import logging as plog
+from ponder import metric_log as plog
 from ponder import mesh as mesh_lib
 from train import tasks as tasks_lib
 

@@ -23,7 +23,7 @@ def curve_names(rows: Iterable[Mapping]) -> list:
 def training_curves(rows: Sequence[Mapping], path: str, *, title: str = "") -> list:
   """Writes a PNG with one panel per metric against step, train and eval overlaid.
 
-  `rows` are metrics.jsonl rows (`ponder.logging.read_metrics`). Returns the metric
+  `rows` are metrics.jsonl rows (`ponder.metric_log.read_metrics`). Returns the metric
   names drawn (empty, and no file, when there is nothing to draw).
   """
   names = curve_names(rows)

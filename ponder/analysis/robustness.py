@@ -17,7 +17,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ponder import errors
-from ponder import logging as plog
+from ponder import metric_log as plog
 from ponder.data import corruptions as corruptions_lib
 
 Provider = Callable[[str, int], Tuple[np.ndarray, np.ndarray]]

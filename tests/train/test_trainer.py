@@ -17,7 +17,7 @@ import pytest
 from configs import vit as vit_config
 from ponder import checkpoint as ckpt_lib
 from ponder import errors
-from ponder import logging as plog
+from ponder import metric_log as plog
 from tests.conftest import ROOT, subprocess_env
 from train import trainer
 
@@ -183,7 +183,7 @@ def test_sigterm_checkpoints_and_resumed_run_equals_uninterrupted(tmp_path):
 _LOSSES = """
 import json, sys
 from configs import vit
-from ponder import logging as plog
+from ponder import metric_log as plog
 from train import trainer
 cfg = vit.get_config("digits,smoke")
 cfg.trainer.update(total_steps=4, batch_size=16, log_every=1, eval_every=4)
