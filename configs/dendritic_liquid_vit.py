@@ -79,12 +79,7 @@ def get_config(arg=None):
     c.model.update(PRUNING.get(arg.preset, {}))
   else:
     c.model.scale_residual = True   # importance scales each token's residual update
-  c.data = dict(
-      name=arg.preset,              # fashion_mnist | cifar10 | cifar100
-      source="auto",                # auto | local | tfds
-      data_dir="",                  # local directory in the standard layout ("" = defaults)
-      augment=True,                 # crop/flip as fits the dataset
-  )
+  c.data = common.vision_data(arg.preset)
   c.label_smoothing = 0.0           # cross-entropy label smoothing
   if liquid:
     c.keep_ratio_weight = 2.0       # weight of the keep-ratio loss (DynamicViT Eq. 13)

@@ -42,10 +42,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   n = mesh.shape[DATA]
+  if batch_size < 1:
+    raise errors.ConfigError(
+        f"trainer.batch_size={batch_size}; it must be a positive multiple of the {n} "
+        "device(s) of the data axis.")
   if batch_size % n:
     raise errors.ConfigError(
-        f"batch size {batch_size} is not divisible by the {n} devices of the data axis; "
-        f"use a multiple of {n}.")
+        f"trainer.batch_size={batch_size} is not divisible by the {n} devices of the data "
+        f"axis; use a multiple of {n} (e.g. {max(n, batch_size // n * n)}).")
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict:

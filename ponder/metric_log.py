@@ -22,9 +22,13 @@ class MetricWriter:
   and writes the same scalars as TensorBoard events under `<workdir>/tb/`.
 
   Only process 0 writes, so a multi-host run has one log.
+
+  `purge_step` (a resumed run: the restored step + 1) hides TensorBoard events written
+  at or after it by the run that was lost, as `truncate_metrics` drops its JSONL rows.
   """
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, tensorboard: bool = True,
+               purge_step: Optional[int] = None):
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
@@ -32,7 +36,8 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       if tensorboard:
         from tensorboardX import SummaryWriter  # Lazy: heavy import, optional in tests.
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30,
+                                 purge_step=purge_step)
 
   def write(self, step: int, metrics: Mapping[str, float], split: str = "train") -> None:
     if not self.enabled:
@@ -59,6 +64,20 @@ def read_metrics(workdir: str, split: Optional[str] = None) -> list:
   with open(path) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   return [r for r in rows if split is None or r["split"] == split]
+
+
+def truncate_metrics(workdir: str, step: int) -> int:
+  """Drops the rows logged after `step` (a run resumed from checkpoint `step` repeats
+  those steps), so the log holds each step once. Returns how many rows were dropped."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  rows = read_metrics(workdir)
+  keep = [r for r in rows if r["step"] <= step]
+  if len(keep) < len(rows) and jax.process_index() == 0:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in keep)
+    os.replace(tmp, path)  # Atomic: a crash here leaves the old or the new file whole.
+  return len(rows) - len(keep)
 
 
 def progress(total: int, initial: int = 0, desc: str = "train") -> tqdm.tqdm:

@@ -24,7 +24,9 @@ from absl import logging
 from ponder import errors
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A train.main --workdir.")
-_SPLIT = flags.DEFINE_string("split", "valid", "Split to score (language models).")
+_SPLIT = flags.DEFINE_string("split", "valid", "Split to score: language models "
+                             "train|valid|test (default valid); classifiers val|test "
+                             "(default test).")
 _STRIDE = flags.DEFINE_integer("stride", 0, "Sliding-window stride; 0 = the run's setting.")
 _CORRUPTIONS = flags.DEFINE_integer("corruptions", 0, "Classifiers: test images to corrupt "
                                     "(0 = no corruption evaluation).")
@@ -33,6 +35,7 @@ _CORRUPTION_SOURCE = flags.DEFINE_enum("corruption_source", "generated", ["gener
                                        "cifar10_corrupted.")
 _PICTURES = flags.DEFINE_bool("pictures", False, "Classifiers: write kept-token and "
                               "importance PNGs of the dendritic models.")
+_REUSE_MEMORY = flags.DEFINE_bool("reuse_memory", True, "As train.main's --reuse_memory.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -60,25 +63,44 @@ def _vision_extras(cfg, task, params, outdir) -> dict:
 
 
 
+def _classifier_split() -> str:
+  split = _SPLIT.value if flags.FLAGS["split"].present else "test"
+  split = {"valid": "val"}.get(split, split)
+  if split not in ("val", "test"):
+    raise errors.unknown_key("classifier split", split, ("val", "test"))
+  return split
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  from train import cli
+  cli.reuse_memory(_REUSE_MEMORY.value, echo=lambda s: None)
   import jax
   from train import trainer
   try:
     cfg = trainer.load_config(_WORKDIR.value)
-    overrides = {}
+    overrides, split = {}, _SPLIT.value
     if cfg.task == "language_model":
-      overrides = dict(eval_split=_SPLIT.value, eval_stride=_STRIDE.value or cfg.data.eval_stride)
+      overrides = dict(eval_split=split, eval_stride=_STRIDE.value or cfg.data.eval_stride)
+    else:
+      split = _classifier_split()
     cfg, task, params, step, mesh = trainer.restore_run(_WORKDIR.value, **overrides)
     eval_fn = jax.jit(task.eval_fn)
-    metrics = trainer.evaluate(task, eval_fn, params, mesh)
+    which = "val"  # Language models: the split named in the overrides.
+    if cfg.task == "classification" and task.test_batches is None:
+      if split == "val":  # data.val_size=0: its evaluations were on test.
+        raise errors.ConfigError(f"{_WORKDIR.value} was trained without a validation "
+                                 "split (data.val_size=0); score --split=test.")
+    elif cfg.task == "classification":
+      which = split
+    metrics = trainer.evaluate(task, eval_fn, params, mesh, split=which)
     if cfg.task == "classification":
       metrics.update(_vision_extras(cfg, task, params, os.path.join(_WORKDIR.value, "eval")))
   except errors.PonderError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  print(json.dumps({"step": step, "split": _SPLIT.value if overrides else "test", **metrics}))
+  print(json.dumps({"step": step, "split": split, **metrics}))
 
 
 if __name__ == "__main__":

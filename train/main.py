@@ -23,6 +23,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and l
 _DISTRIBUTED = flags.DEFINE_bool(
     "jax_distributed", False, "Multi-host: call jax.distributed.initialize() first "
     "(run the same command on every host).")
+_ALLOW_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Continue a workdir's run with a config that differs "
+    "from its config.json (for fields that keep the state's shape, e.g. optim.lr).")
+_REUSE_MEMORY = flags.DEFINE_bool(
+    "reuse_memory", True, "Run with glibc malloc settings that reuse memory between "
+    "steps (re-executes the command with GLIBC_TUNABLES set); --noreuse_memory = off.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,20 +36,33 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # jax logs backend probing at INFO.
+  cli.reuse_memory(_REUSE_MEMORY.value)
   import jax  # After flag parsing, so --help is fast.
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   from train import trainer
   try:
-    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                        allow_config_change=_ALLOW_CHANGE.value)
   except errors.PonderError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  metrics = {k: v for k, v in result.items()
-             if k not in ("state", "resumed_from", "preempted")}
-  if metrics:
-    print("final: " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in metrics.items()))
+  if "split" in result:
+    print(final_line(result))
+    if _CONFIG.value.get("reference", ""):
+      print(f"expected: {_CONFIG.value.reference}")
+
+
+def _fmt(metrics: dict) -> str:
+  return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                  for k, v in metrics.items() if isinstance(v, (int, float)))
+
+
+def final_line(result: dict) -> str:
+  """`final: <headline metrics> (<split>, step S selected on ...; val ...)`."""
+  headline = result["test"] or result["val"]
+  return (f"final: {_fmt(headline)} ({result['split']}; step {result['selected_step']} "
+          f"selected on {result['selected_on']}; val {_fmt(result['val'])})")
 
 
 if __name__ == "__main__":

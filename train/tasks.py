@@ -4,15 +4,22 @@ A `Task` bundles pure functions that the shared loop in `train/trainer.py` calls
 
   init(key) -> params
   train_batch(step) -> host batch (a pure function of (cfg.seed, step))
-  eval_batches() -> iterable of host batches (each with a "mask" for padding)
-  loss_fn(params, batch, key, train) -> (loss, metrics)
+  eval_batches() -> the validation split: host batches (each with a "mask" for padding)
+  test_batches() -> the test split, scored once at the end (None: the data has none)
+  loss_fn(params, batch, key, *, step, train) -> (loss, metrics)
   eval_fn(params, batch) -> summed metrics (jit-able)
   summarize(summed) -> final metrics
+  select = (metric, "max" | "min"): which validation metric picks the final checkpoint
+
+A distillation teacher is given to `build` by the trainer (training only), so building a
+task for evaluation needs nothing but the run's own workdir.
 """
 
 import dataclasses
 import functools
+import inspect
 import os
+import re
 from typing import Any, Callable, Iterable, Optional
 
 import jax
@@ -23,6 +30,7 @@ import optax
 
 from ponder import errors
 from ponder import lm
+from ponder import mesh as mesh_lib
 from ponder.data import synthetic
 from ponder.data import text
 from ponder.data import tokenizers
@@ -43,6 +51,8 @@ class Task:
   loss_fn: Callable
   eval_fn: Callable
   summarize: Callable[[dict], dict]
+  test_batches: Optional[Callable[[], Iterable[dict]]] = None
+  select: tuple = ("accuracy", "max")
 
 
 MODELS = {"vit": vit.ViT,
@@ -59,15 +69,20 @@ def build_model(model_cfg: ml_collections.ConfigDict, **extra):
   return MODELS[name](**kwargs, **extra)
 
 
+def takes_step(model) -> bool:
+  """Whether the model's `__call__` reads the optimizer step (for its schedules)."""
+  return "step" in inspect.signature(type(model).__call__).parameters
+
+
 def classification_loss(params, batch, key, *, model, label_smoothing: float, train: bool,
-                        aux_loss: Optional[Callable] = None):
+                        step=None, aux_loss: Optional[Callable] = None):
   """Softmax cross-entropy (with optional label smoothing) and accuracy.
 
-  A batch with a "step" (see `_with_step`) passes the optimizer step to the model, for
-  its schedules. `aux_loss(logits, aux, batch) -> (loss, metrics)` adds terms computed
-  from the model's auxiliary outputs (`return_aux=True`), e.g. `pruning_objective`.
+  `step` (the optimizer step) goes to models whose schedules read it (`takes_step`).
+  `aux_loss(logits, aux, batch) -> (loss, metrics)` adds terms computed from the
+  model's auxiliary outputs (`return_aux=True`), e.g. `pruning_objective`.
   """
-  extra = {"step": batch["step"][0]} if "step" in batch else {}
+  extra = {"step": step} if step is not None and takes_step(model) else {}
   if aux_loss is not None:
     extra["return_aux"] = True
   out = model.apply({"params": params}, batch["image"], train=train,
@@ -119,33 +134,18 @@ def pruning_objective(logits, aux, batch, *, keep_targets, keep_ratio_weight: fl
   return loss, metrics
 
 
-def load_teacher(workdir: str) -> Callable:
-  """images -> (logits, final tokens) of the newest checkpoint in a train.main workdir.
-
-  The final tokens are the output of the teacher's `ln_final` LayerNorm (the name in
-  models/vit.py and models/dendritic_liquid_vit.py), captured without changing it.
-  """
-  from train import trainer  # Here, not at the top: trainer imports this module.
-  _, task, params, _, _ = trainer.restore_run(workdir)
-  model = task.model
-
-  def apply(images):
-    logits, state = model.apply({"params": params}, images, train=False,
-                                capture_intermediates=lambda m, _: m.name == "ln_final",
-                                mutable=["intermediates"])
-    return logits, state["intermediates"]["ln_final"]["__call__"][0]
-
-  return apply
+def how_to_train_teacher(cfg: ml_collections.ConfigDict) -> str:
+  """The command that trains the baseline a vision config distils from."""
+  return (f"python -m train.main --config=configs/vit.py:{cfg.data.name} "
+          f"--workdir={cfg.distill.teacher_workdir}")
 
 
-def build_aux_loss(cfg: ml_collections.ConfigDict, model) -> Optional[Callable]:
-  """`pruning_objective` for configs with `keep_ratio_weight` or a distillation teacher
-  (`distill.teacher_workdir`, "" = none); None for the others."""
+def build_aux_loss(cfg: ml_collections.ConfigDict, model,
+                   teacher: Optional[Callable] = None) -> Optional[Callable]:
+  """`pruning_objective` for configs with `keep_ratio_weight` or a loaded distillation
+  `teacher` (images -> (logits, final tokens)); None for the others."""
   weight = cfg.get("keep_ratio_weight", 0.0)
   distill = cfg.get("distill", None)
-  teacher = None
-  if distill is not None and distill.teacher_workdir:
-    teacher = load_teacher(distill.teacher_workdir)
   if not weight and teacher is None:
     return None
   targets = model.keep_ratio_targets() if hasattr(model, "keep_ratio_targets") else ()
@@ -154,14 +154,6 @@ def build_aux_loss(cfg: ml_collections.ConfigDict, model) -> Optional[Callable]:
       kl_weight=distill.kl_weight if teacher else 0.0,
       token_weight=distill.token_weight if teacher else 0.0,
       temperature=distill.temperature if teacher else 1.0)
-
-
-def _with_step(batch_fn: Callable[[int], dict]) -> Callable[[int], dict]:
-  """Adds "step" to each training batch, one copy per example so it shards like them."""
-  def fn(step):
-    batch = batch_fn(step)
-    return dict(batch, step=np.full(len(batch["label"]), step, np.int32))
-  return fn
 
 
 def classification_eval(params, batch, *, model):
@@ -179,9 +171,33 @@ def classification_summary(sums) -> dict:
           "examples": int(sums["count"])}
 
 
-def build_classification(cfg: ml_collections.ConfigDict, mesh) -> Task:
+def check_vit_shapes(model_cfg: ml_collections.ConfigDict, image_shape: tuple) -> None:
+  """ConfigErrors, naming the field and the values that work, for a ViT-family model
+  that cannot take these images."""
+  height, width = image_shape[:2]
+  patch = model_cfg.get("patch", None)
+  if patch is not None and (patch < 1 or height % patch or width % patch):
+    valid = [p for p in range(1, min(height, width) + 1) if not height % p and not width % p]
+    raise errors.ConfigError(
+        f"model.patch={patch} does not tile the {height}x{width} images; valid patch "
+        f"sizes: {', '.join(map(str, valid))}.")
+  embed, heads = model_cfg.get("width", None), model_cfg.get("heads", None)
+  if embed is not None and heads is not None and (heads < 1 or embed % heads):
+    valid = [h for h in range(1, embed + 1) if not embed % h]
+    raise errors.ConfigError(
+        f"model.heads={heads} does not divide model.width={embed}; valid heads: "
+        f"{', '.join(map(str, valid[:12]))}{' ...' if len(valid) > 12 else ''}.")
+
+
+def build_classification(cfg: ml_collections.ConfigDict, mesh,
+                         teacher: Optional[Callable] = None) -> Task:
   ds = vision.load_image_dataset(cfg.data.name, source=cfg.data.source,
                                  data_dir=cfg.data.data_dir or None)
+  val_size = cfg.data.get("val_size", -1)
+  if val_size:  # 0 = no validation split: select on test, as the final line then says.
+    ds = vision.with_validation(
+        ds, vision.default_val_size(cfg.data.name) if val_size < 0 else val_size)
+  check_vit_shapes(cfg.model, ds.train_images.shape[1:])
   model = build_model(cfg.model, num_classes=ds.num_classes)
   bs = cfg.trainer.batch_size
   sample = vision.train_batch(ds, seed=cfg.seed, step=0, batch_size=bs, augment=False)
@@ -189,25 +205,26 @@ def build_classification(cfg: ml_collections.ConfigDict, mesh) -> Task:
   def init(key):
     return model.init({"params": key}, jnp.asarray(sample["image"]), train=False)["params"]
 
-  train_batch = lambda step: vision.train_batch(ds, seed=cfg.seed, step=step, batch_size=bs,
-                                                augment=cfg.data.augment)
-  if getattr(model, "needs_step", False):  # The model's schedules read the step.
-    train_batch = _with_step(train_batch)
+  split = functools.partial(vision.eval_batches, ds, batch_size=bs,
+                            pad_to_multiple=mesh.shape[mesh_lib.DATA])
   return Task(
       model=model,
       init=init,
-      train_batch=train_batch,
-      eval_batches=functools.partial(vision.eval_batches, ds, batch_size=bs, split="test"),
+      train_batch=lambda step: vision.train_batch(ds, seed=cfg.seed, step=step,
+                                                  batch_size=bs, augment=cfg.data.augment),
+      eval_batches=functools.partial(split, split="val" if val_size else "test"),
+      test_batches=functools.partial(split, split="test") if val_size else None,
       loss_fn=functools.partial(classification_loss, model=model,
                                 label_smoothing=cfg.label_smoothing,
-                                aux_loss=build_aux_loss(cfg, model)),
+                                aux_loss=build_aux_loss(cfg, model, teacher)),
       eval_fn=functools.partial(classification_eval, model=model),
       summarize=classification_summary,
   )
 
 
-def lm_loss(params, batch, key, *, model, train: bool):
+def lm_loss(params, batch, key, *, model, train: bool, step=None):
   """Mean next-token NLL over a batch of (seq_len + 1)-token windows."""
+  del step  # No schedule in the language models reads it.
   tokens = batch["tokens"]
   logits = model.apply({"params": params}, tokens[:, :-1], train=train,
                        rngs={"dropout": key})
@@ -244,6 +261,11 @@ def build_lm_model(cfg: ml_collections.ConfigDict, vocab_size: int):
   make_config, module = LM_MODELS[cfg.model.name]
   overrides = {k: v for k, v in cfg.model.items() if k not in ("name", "preset", "dtype")}
   gpt_cfg = make_config(cfg.model.preset, vocab_size=vocab_size, **overrides)
+  if gpt_cfg.n_head < 1 or gpt_cfg.n_embd % gpt_cfg.n_head:
+    valid = [h for h in range(1, gpt_cfg.n_embd + 1) if not gpt_cfg.n_embd % h][:12]
+    raise errors.ConfigError(
+        f"model.n_head={gpt_cfg.n_head} does not divide model.n_embd={gpt_cfg.n_embd}; "
+        f"valid n_head: {', '.join(map(str, valid))}.")
   if cfg.data.seq_len > gpt_cfg.n_positions:
     raise errors.ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's "
                              f"n_positions={gpt_cfg.n_positions}.")
@@ -284,26 +306,51 @@ def build_synthetic_lm(cfg: ml_collections.ConfigDict, mesh) -> Task:
                                   seq_len=seq)
     return {"tokens": batch["tokens"]}
 
-  def eval_batches():
+  def eval_batches(split="val"):
     for batch in synthetic.eval_batches(source, seed=cfg.seed, batch_size=bs, seq_len=seq,
-                                        num_batches=cfg.data.eval_batches):
+                                        num_batches=cfg.data.eval_batches, split=split):
       yield {k: batch[k] for k in ("tokens", "difficulty", "mask")}
 
   return Task(model=model, init=init, train_batch=train_batch, eval_batches=eval_batches,
+              test_batches=functools.partial(eval_batches, "test"),
               loss_fn=functools.partial(lm_loss, model=model),
               eval_fn=functools.partial(synthetic_lm_eval, model=model),
-              summarize=synthetic_lm_summary)
+              summarize=synthetic_lm_summary, select=("nll", "min"))
+
+
+# Text sources by scheme (ponder/data/text.py and ponder/data/synthetic.py); a source
+# without one is a local path.
+TEXT_SCHEMES = ("local", "builtin", "tfds", "synthetic")
+
+
+def check_text_source(source: str) -> None:
+  """A ConfigError for an empty source or one whose `scheme:` ponder does not read."""
+  if not source:
+    raise errors.ConfigError("data.source is empty; give one of "
+                             + ", ".join(f"{s}:..." for s in TEXT_SCHEMES) + ".")
+  match = re.match(r"([A-Za-z][\w+.-]*):", source)
+  if match and match.group(1) not in TEXT_SCHEMES:
+    raise errors.ConfigError(
+        f"data.source={source!r} has the unknown scheme {match.group(1)!r}:; valid "
+        "schemes: " + ", ".join(f"{s}:" for s in TEXT_SCHEMES) + " (or a bare path).")
 
 
 def build_language_model(cfg: ml_collections.ConfigDict, mesh) -> Task:
+  check_text_source(cfg.data.source)
   if cfg.data.source.startswith("synthetic:"):
     return build_synthetic_lm(cfg, mesh)
   tok = build_tokenizer(cfg.data)
   cache = lm_cache_dir(cfg.data)
   train_tokens = text.split_tokens(cfg.data.source, "train", tok, cache_dir=cache)
   eval_tokens = text.split_tokens(cfg.data.source, cfg.data.eval_split, tok, cache_dir=cache)
+  test_split = cfg.data.get("test_split", "")
+  test_tokens = None
+  if test_split and text.has_split(cfg.data.source, test_split):
+    test_tokens = text.split_tokens(cfg.data.source, test_split, tok, cache_dir=cache)
   model = build_lm_model(cfg, tok.vocab_size)
   bs, seq = cfg.trainer.batch_size, cfg.data.seq_len
+  windows = functools.partial(text.lm_eval_batches, batch_size=bs, seq_len=seq,
+                              stride=cfg.data.eval_stride or None)
 
   def init(key):
     return model.init({"params": key}, jnp.zeros((1, seq), jnp.int32), train=False)["params"]
@@ -313,18 +360,22 @@ def build_language_model(cfg: ml_collections.ConfigDict, mesh) -> Task:
       init=init,
       train_batch=lambda step: text.lm_train_batch(train_tokens, seed=cfg.seed, step=step,
                                                    batch_size=bs, seq_len=seq),
-      eval_batches=lambda: text.lm_eval_batches(eval_tokens, batch_size=bs, seq_len=seq,
-                                                stride=cfg.data.eval_stride or None),
+      eval_batches=functools.partial(windows, eval_tokens),
+      test_batches=None if test_tokens is None else functools.partial(windows, test_tokens),
       loss_fn=functools.partial(lm_loss, model=model),
       eval_fn=functools.partial(lm_eval, model=model),
       summarize=lm.summarize,
+      select=("nll", "min"),
   )
 
 
 BUILDERS = {"classification": build_classification, "language_model": build_language_model}
 
 
-def build(cfg: ml_collections.ConfigDict, mesh) -> Task:
+def build(cfg: ml_collections.ConfigDict, mesh, *, teacher: Optional[Callable] = None) -> Task:
+  """The config's task; `teacher` (training only) is the loaded distillation teacher."""
   if cfg.task not in BUILDERS:
     raise errors.unknown_key("task", cfg.task, BUILDERS)
+  if teacher is not None:
+    return BUILDERS[cfg.task](cfg, mesh, teacher=teacher)
   return BUILDERS[cfg.task](cfg, mesh)

@@ -1,14 +1,18 @@
 """The train loop every experiment shares.
 
-Phases: build the task (model, data, losses) -> build the mesh and optimizer -> init or
-restore the state -> loop (step, log, evaluate, checkpoint) -> final checkpoint and
-evaluation. The step is a module-level pure function; the loop owns all side effects.
+Phases, each a function below: `check_rerun` (a rerun's config against the workdir's,
+before anything is written) -> `build_run` (mesh, teacher, task, optimizer) ->
+`init_or_restore` (the state, from the newest readable checkpoint) -> `train_loop` (step,
+log, evaluate on the validation split, checkpoint, keep the best) -> `finish` (the
+checkpoint selected on validation, scored once on the test split). The step is a
+module-level pure function; the loop owns all side effects.
 
 Reproducibility: the batch at step t is a pure function of (seed, t), and the step's
 PRNG key is `fold_in(key, t)`, so a run resumed from a checkpoint ends with the same
 parameters as one that never stopped.
 """
 
+import dataclasses
 import functools
 import json
 import logging
@@ -84,13 +88,15 @@ def scale_by_module(scales: dict) -> optax.GradientTransformation:
 
 
 def train_step(state: TrainState, batch, key, *, loss_fn: Callable, tx, schedule):
-  """One optimizer step. `loss_fn(params, batch, key, train=True) -> (loss, metrics)`.
+  """One optimizer step. `loss_fn(params, batch, key, step=, train=True) -> (loss, metrics)`
+  (the step drives the model's own schedules, e.g. DynamicViT's temperature).
 
   A non-finite loss or gradient skips the update (the state passes through unchanged)
   and reports `finite=False`, so the state is never poisoned and the host can stop the
   run with the last good checkpoint intact.
   """
-  grad_fn = jax.value_and_grad(functools.partial(loss_fn, train=True), has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, step=state.step, train=True),
+                               has_aux=True)
   (loss, metrics), grads = grad_fn(state.params, batch, key)
   grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -135,16 +141,17 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def evaluate(task: "tasks_lib.Task", eval_fn, params, mesh) -> dict:
-  """Runs the task's whole evaluation split and summarizes the summed metrics."""
+def evaluate(task: "tasks_lib.Task", eval_fn, params, mesh, split: str = "val") -> dict:
+  """Runs the task's whole validation (or "test") split and summarizes the summed metrics."""
   totals = None
-  for batch in task.eval_batches():
+  for batch in (task.eval_batches() if split == "val" else task.test_batches()):
     sums = eval_fn(params, mesh_lib.shard_batch(batch, mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   return task.summarize(jax.device_get(totals))
 
 
 def init_state(task: "tasks_lib.Task", tx, key) -> TrainState:
+  """Fresh parameters from the task and the optimizer state that goes with them."""
   params = task.init(key)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
@@ -158,10 +165,69 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_diff(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> dict:
+  """{dotted key: (old value, new value)} for every field that differs (missing = None),
+  compared as the JSON that config.json holds."""
+  a = _flat(json.loads(old.to_json_best_effort()))
+  b = _flat(json.loads(new.to_json_best_effort()))
+  return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+# Fields a rerun may change: they alter how long the run goes and how often it reports,
+# not what it trains. `reference` is the expected-result text printed at the end.
+RESUMABLE_CHANGES = ("trainer.total_steps", "trainer.log_every", "trainer.eval_every",
+                     "trainer.ckpt_every", "trainer.keep_ckpts", "reference")
+
+
+def resolve_paths(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `cfg` with the teacher's workdir made absolute, so the run's config.json
+  names the same teacher from any directory."""
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  distill = cfg.get("distill", None)
+  if distill is not None and distill.get("teacher_workdir", ""):
+    distill.teacher_workdir = os.path.abspath(os.path.expanduser(distill.teacher_workdir))
+  return cfg
+
+
+def check_rerun(cfg: ml_collections.ConfigDict, workdir: str, *,
+                allow_config_change: bool = False, echo: Callable = print) -> None:
+  """Stops a rerun whose config differs from the one the workdir was made with.
+
+  Only `RESUMABLE_CHANGES` pass silently; `allow_config_change` accepts any other
+  difference (restoring then still fails, naming the arrays, if the state's structure
+  changed). Reads only: nothing is written here.
+  """
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return
+  diff = config_diff(load_config(workdir), cfg)
+  blocking = {k: v for k, v in diff.items() if k not in RESUMABLE_CHANGES}
+  if blocking and not allow_config_change:
+    lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in blocking.items())
+    raise errors.ConfigError(
+        f"{workdir} was made with another config ({lines}). Nothing was changed. Use a "
+        "new --workdir for the new config, rerun with the workdir's config.json "
+        "settings, or pass --allow_config_change to continue this run with them (for "
+        "fields that keep the state's shape, such as optim.lr).")
+  if diff:
+    echo("Config changes on this rerun: " + "; ".join(
+        f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items()))
+
+
 def restore_run(workdir: str, **data_overrides):
   """(cfg, task, params, step, mesh) of the newest checkpoint in a train.main workdir.
 
-  `data_overrides` change the data block (e.g. eval_split) before the task is built.
+  Needs nothing but the workdir (no teacher: that is for training). `data_overrides`
+  change the data block (e.g. eval_split) before the task is built.
   """
   cfg = load_config(workdir)
   cfg.data.update(data_overrides)
@@ -180,6 +246,29 @@ def restore_run(workdir: str, **data_overrides):
   return cfg, task, state.params, step, mesh
 
 
+def load_teacher(workdir: str, how_to_train: str = "") -> Callable:
+  """images -> (logits, final tokens) of the newest checkpoint in a train.main workdir.
+
+  The final tokens are the output of the teacher's `ln_final` LayerNorm (the name in
+  models/vit.py and models/dendritic_liquid_vit.py), captured without changing it.
+  """
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    raise errors.MissingDataError(
+        f"the teacher run {workdir} does not exist (no config.json there). Train it "
+        f"first{': ' + how_to_train if how_to_train else ''}, or point "
+        "distill.teacher_workdir at a trained run.")
+  _, task, params, _, _ = restore_run(workdir)
+  model = task.model
+
+  def apply(images):
+    logits, state = model.apply({"params": params}, images, train=False,
+                                capture_intermediates=lambda m, _: m.name == "ln_final",
+                                mutable=["intermediates"])
+    return logits, state["intermediates"]["ln_final"]["__call__"][0]
+
+  return apply
+
+
 def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -187,43 +276,75 @@ def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
       f.write(cfg.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
-                       stop_after: Optional[int] = None, echo: Callable = print) -> dict:
-  """Trains `cfg` in `workdir`, resuming from its latest checkpoint.
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What `build_run` assembles from a config: everything the loop needs but the state."""
+  cfg: ml_collections.ConfigDict
+  mesh: Any
+  task: "tasks_lib.Task"
+  tx: Any
+  schedule: Callable
+  init_key: jax.Array
+  step_key: jax.Array
 
-  `stop_after` ends the run after that many steps of this invocation without a final
-  checkpoint, as a crash would (tests use it to check resumption). Returns the final
-  evaluation metrics plus `state` and `resumed_from`.
-  """
-  write_config(cfg, workdir)
+
+def build_run(cfg: ml_collections.ConfigDict) -> Run:
+  """Mesh, teacher (training only), task and optimizer; raises PonderError on bad input
+  before any file is written."""
   mesh = mesh_lib.make_mesh(**cfg.mesh)
   mesh_lib.check_batch_size(cfg.trainer.batch_size, mesh)
-  task = tasks_lib.build(cfg, mesh)
-  total = cfg.trainer.total_steps
-  tx, schedule = make_optimizer(cfg.optim, total)
-  repl, data_sh = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+  distill = cfg.get("distill", None)
+  teacher = None
+  if distill is not None and distill.get("teacher_workdir", ""):
+    teacher = load_teacher(distill.teacher_workdir, tasks_lib.how_to_train_teacher(cfg))
+  task = tasks_lib.build(cfg, mesh, teacher=teacher)
+  tx, schedule = make_optimizer(cfg.optim, cfg.trainer.total_steps)
   init_key, step_key = jax.random.split(jax.random.key(cfg.seed))
+  return Run(cfg, mesh, task, tx, schedule, init_key, step_key)
 
-  state = jax.jit(functools.partial(init_state, task, tx), out_shardings=repl)(init_key)
+
+def init_or_restore(run: Run, workdir: str, echo: Callable):
+  """(state, resumed_from, checkpointer): the newest readable checkpoint, or a fresh
+  state. A checkpoint that does not fit the model is an error, never quarantined."""
+  repl = mesh_lib.replicated(run.mesh)
+  state = jax.jit(functools.partial(init_state, run.task, run.tx),
+                  out_shardings=repl)(run.init_key)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               keep=cfg.trainer.keep_ckpts)
+                               keep=run.cfg.trainer.keep_ckpts)
   restored, resumed_from = ckpt.restore_latest(ckpt_lib.abstract_like(state))
   if restored is not None:
     state = restored
     echo(f"Resuming from checkpoint at step {resumed_from} in {ckpt.directory}")
-  start = int(state.step)
+  return state, resumed_from, ckpt
 
+
+def _best_checkpointer(workdir: str, task: "tasks_lib.Task") -> ckpt_lib.Checkpointer:
+  """Keeps only the parameters of the best validation evaluation so far."""
+  metric, mode = task.select
+  return ckpt_lib.Checkpointer(os.path.join(workdir, "best"), keep=1, best_metric=metric,
+                               best_mode=mode)
+
+
+def train_loop(run: Run, state: TrainState, workdir: str, ckpt, best, *, echo: Callable,
+               stop_after: Optional[int] = None) -> tuple:
+  """Steps from `state.step` to total_steps: logs, evaluates on the validation split,
+  checkpoints (periodically, on SIGTERM, at the end), and keeps the best parameters.
+  Returns (state, reached_end, preempted)."""
+  cfg, task, mesh = run.cfg, run.task, run.mesh
+  total, start = cfg.trainer.total_steps, int(state.step)
+  repl, data_sh = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
   step_fn = jax.jit(
-      functools.partial(train_step, loss_fn=task.loss_fn, tx=tx, schedule=schedule),
+      functools.partial(train_step, loss_fn=task.loss_fn, tx=run.tx, schedule=run.schedule),
       in_shardings=(repl, data_sh, repl), out_shardings=(repl, repl), donate_argnums=(0,))
   eval_fn = jax.jit(task.eval_fn, in_shardings=(repl, data_sh), out_shardings=repl)
-  writer = plog.MetricWriter(workdir)
+  # Rows past the restored step came from the part of a run that was lost: drop them.
+  plog.truncate_metrics(workdir, start)
+  writer = plog.MetricWriter(workdir, purge_step=start + 1 if start else None)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   echo(f"{cfg.model.name}: {n_params:,} parameters; {mesh.devices.size} device(s) "
        f"{dict(mesh.shape)}; steps {start} -> {total}")
 
-  interval, pending, eval_metrics = [], None, {}
-  run_steps = 0
+  interval, pending, run_steps, done = [], None, 0, start
 
   def check(entry):
     step, metrics = entry
@@ -235,11 +356,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
 
   bar = plog.progress(total, start)
   t0 = time.time()
+  preempted = False
   try:
     with _Preemption() as preempt:
       for step in range(start, total):
         batch = mesh_lib.shard_batch(task.train_batch(step), mesh)
-        state, metrics = step_fn(state, batch, jax.random.fold_in(step_key, step))
+        state, metrics = step_fn(state, batch, jax.random.fold_in(run.step_key, step))
         if pending is not None:
           check(pending)  # The previous step is done by now: no pipeline stall.
         pending = (step, metrics)
@@ -258,13 +380,15 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
           interval, t0 = [], time.time()
         if done % cfg.trainer.eval_every == 0 or at_end:
           check(pending)
-          eval_metrics = evaluate(task, eval_fn, state.params, mesh)
-          writer.write(done, eval_metrics, split="eval")
-          bar.write(f"step {done}: eval {plog.format_metrics(eval_metrics)}")
+          val = evaluate(task, eval_fn, state.params, mesh)
+          writer.write(done, val, split="eval")
+          best.save(done, state.params, metrics=val)
+          bar.write(f"step {done}: val {plog.format_metrics(val)}")
         if done % cfg.trainer.ckpt_every == 0 or at_end or preempt.requested:
           check(pending)
           ckpt.save(done, state)
         if preempt.requested:
+          preempted = True
           bar.write(f"SIGTERM: saved checkpoint at step {done}; rerun the same command "
                     "to resume.")
           break
@@ -272,16 +396,63 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
           break
   finally:
     bar.close()
-  ckpt.close()
-  if start >= total and not eval_metrics:
-    eval_metrics = evaluate(task, eval_fn, state.params, mesh)
-    echo(f"Already at step {start} >= total_steps {total}; evaluated the checkpoint.")
-  writer.close()
+    writer.close()
+  return state, done >= total, preempted
+
+
+def finish(run: Run, state: TrainState, workdir: str, best) -> dict:
+  """Scores the checkpoint selected on validation once on the test split and writes
+  final_metrics.json: the headline (test, or validation where the data has no test
+  split) flat, plus "val" and "test" blocks and which step was selected."""
+  task, mesh = run.task, run.mesh
+  repl, data_sh = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+  eval_fn = jax.jit(task.eval_fn, in_shardings=(repl, data_sh), out_shardings=repl)
+  selected = best.best_step()
+  params = state.params
+  if selected is not None and selected != int(state.step):
+    params = best.restore(selected, jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), state.params))
+  val = evaluate(task, eval_fn, params, mesh)
+  test = evaluate(task, eval_fn, params, mesh, split="test") if task.test_batches else None
+  metric, mode = task.select
+  final = {"step": int(state.step), "selected_step": selected or int(state.step),
+           "selected_on": f"val {metric} ({mode})", "split": "test" if test else "val",
+           **(test or val), "val": val, "test": test}
   if jax.process_index() == 0:
-    if eval_metrics:
-      with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-        json.dump({"step": int(state.step), **eval_metrics}, f, indent=2)
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump(final, f, indent=2)
+  return final
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after: Optional[int] = None, echo: Callable = print,
+                       allow_config_change: bool = False) -> dict:
+  """Trains `cfg` in `workdir`, resuming from its latest checkpoint.
+
+  `stop_after` ends the run after that many steps of this invocation without a final
+  checkpoint, as a crash would (tests use it to check resumption). Returns the final
+  metrics (`finish`; empty when the run stopped early) plus `state`, `resumed_from` and
+  `preempted`.
+  """
+  cfg = resolve_paths(cfg)
+  check_rerun(cfg, workdir, allow_config_change=allow_config_change, echo=echo)
+  run = build_run(cfg)
+  state, resumed_from, ckpt = init_or_restore(run, workdir, echo)
+  write_config(cfg, workdir)
+  best = _best_checkpointer(workdir, run.task)
+  try:
+    state, reached_end, preempted = train_loop(run, state, workdir, ckpt, best, echo=echo,
+                                               stop_after=stop_after)
+  finally:
+    ckpt.close()
+  final = {}
+  if reached_end:
+    if resumed_from is not None and resumed_from >= cfg.trainer.total_steps:
+      echo(f"Already at step {resumed_from} >= total_steps {cfg.trainer.total_steps}; "
+           "evaluated the selected checkpoint.")
+    final = finish(run, state, workdir, best)
+  best.close()
+  if jax.process_index() == 0:
     plots.training_curves(plog.read_metrics(workdir), os.path.join(workdir, "curves.png"),
                           title=f"{cfg.model.name} ({workdir})")
-  return dict(eval_metrics, state=state, resumed_from=resumed_from,
-              preempted=preempt.requested)
+  return dict(final, state=state, resumed_from=resumed_from, preempted=preempted)

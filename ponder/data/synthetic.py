@@ -40,7 +40,7 @@ TASKS = {
                   max_span=32),
 }
 
-_TRAIN_STREAM, _EVAL_STREAM = 0, 1
+_TRAIN_STREAM, _EVAL_STREAM, _TEST_STREAM = 0, 1, 2
 
 
 def task_spec(source: str) -> dict:
@@ -113,11 +113,15 @@ def train_batch(source: str, *, seed: int, step: int, batch_size: int,
 
 
 def eval_batches(source: str, *, seed: int, batch_size: int, seq_len: int,
-                 num_batches: int) -> Iterator[dict[str, np.ndarray]]:
-  """`num_batches` fixed evaluation batches (a stream disjoint from training's), each as
-  `train_batch` plus "mask" float32 [batch, seq_len] of ones (every target is scored)."""
+                 num_batches: int, split: str = "val") -> Iterator[dict[str, np.ndarray]]:
+  """`num_batches` fixed evaluation batches of the "val" or "test" split (two streams
+  disjoint from training's and from each other), each as `train_batch` plus "mask"
+  float32 [batch, seq_len] of ones (every target is scored)."""
+  streams = {"val": _EVAL_STREAM, "test": _TEST_STREAM}
+  if split not in streams:
+    raise errors.unknown_key("synthetic split", split, streams)
   for i in range(num_batches):
-    batch = _batch(source, np.random.default_rng([seed, _EVAL_STREAM, i]), batch_size,
+    batch = _batch(source, np.random.default_rng([seed, streams[split], i]), batch_size,
                    seq_len + 1)
     batch["mask"] = np.ones((batch_size, seq_len), np.float32)
     yield batch

@@ -87,6 +87,37 @@ def _local_path(source: str) -> pathlib.Path:
   return pathlib.Path(source.removeprefix("local:")).expanduser()
 
 
+# Where to get the corpora that configs name by default, for the missing-file message.
+_HOW_TO_GET = {
+    "tinyshakespeare": "Tiny Shakespeare is Karpathy's char-rnn corpus: download "
+                       "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                       "tinyshakespeare/input.txt to that path, or read it from tfds "
+                       "with source='tfds:tiny_shakespeare'",
+    "wikitext": "WikiText-2 is the zip of Merity et al. 2016 (hub id Salesforce/wikitext): "
+                "unpack train/valid/test into that directory",
+}
+
+
+def _missing_source(source: str, path: pathlib.Path) -> errors.MissingDataError:
+  hint = next((how for key, how in _HOW_TO_GET.items() if key in str(path).lower()), "")
+  return errors.MissingDataError(
+      f"text source {source!r}: {path} does not exist. Put the corpus there or point "
+      "--config.data.source=local:FILE (a text file) or local:DIR (train.txt/valid.txt/"
+      f"test.txt) at a copy{'. ' + hint if hint else ''}.")
+
+
+def has_split(source: str, split: str) -> bool:
+  """Whether a text source holds `split` ("test" of a single file never exists: a file
+  is split into train and valid only)."""
+  _check_split(split)
+  if source.startswith("tfds:"):
+    return True
+  path = _local_path(source)
+  if path.is_dir():
+    return any((path / p.format(split=split)).is_file() for p in _SPLIT_FILES)
+  return split != "test"
+
+
 def source_text(source: str) -> str:
   """All the text of a local source (every split of a WikiText directory), e.g. to build
   a character vocabulary that covers each split."""
@@ -99,7 +130,7 @@ def source_text(source: str) -> str:
         (path / f.format(split=s)).is_file() for f in _SPLIT_FILES)]
     return "".join(f.read_text(encoding="utf-8") for f in files)
   if not path.is_file():
-    raise errors.MissingDataError(f"text source {source!r}: {path} does not exist.")
+    raise _missing_source(source, path)
   return path.read_text(encoding="utf-8")
 
 
@@ -125,9 +156,7 @@ def split_tokens(source: str, split: str, tokenizer: tokenizers.Tokenizer, *,
   if path.is_dir():
     return tokenizers.encode_corpus(wikitext_file(path, split), tokenizer, cache_dir)
   if not path.is_file():
-    raise errors.MissingDataError(
-        f"text source {source!r}: {path} is neither a file nor a directory. Give "
-        "'local:DIR' (train.txt/valid.txt/test.txt), 'local:FILE' or 'tfds:NAME'.")
+    raise _missing_source(source, path)
   if split == "test":
     raise errors.ConfigError(
         f"{path} is a single file, split into 'train' and 'valid' only; evaluate on "

@@ -57,6 +57,8 @@ class ImageDataset:
   mean: tuple  # per-channel mean of the train images scaled to [0, 1]
   std: tuple  # per-channel standard deviation, same scale
   augment: str  # "crop_flip", "crop" or "none"; see _AUGMENT
+  val_images: np.ndarray | None = None  # uint8 [V, H, W, C] carved from train, or None
+  val_labels: np.ndarray | None = None  # int32 [V]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +96,9 @@ class _Spec:
   tfds_name: str | None = None
   apt_package: str | None = None
   archive: str | None = None  # the official download that unpacks to `layout`
+  # Validation images carved from the end of train, as a fraction of train (or a count):
+  # 6,000 of Fashion-MNIST's 60,000, 5,000 of CIFAR's 50,000.
+  val_size: float = 0.1
 
 
 def _existing(path: pathlib.Path) -> pathlib.Path | None:
@@ -167,7 +172,7 @@ _CIFAR10 = _Layout("cifar-10-batches-py",
 _CIFAR100 = _Layout("cifar-100-python", ("train", "test"), _cifar_reader(b"fine_labels"))
 
 _SPECS = {
-    "digits": _Spec(num_classes=10, augment="none", sources=("sklearn",)),
+    "digits": _Spec(num_classes=10, augment="none", sources=("sklearn",), val_size=0.2),
     "mnist": _Spec(
         num_classes=10, augment="crop", layout=_IDX,
         dirs=("~/.ponder/data/mnist",), tfds_name="mnist",
@@ -303,9 +308,33 @@ def _make_dataset(name: str, spec: _Spec, splits: _Splits) -> ImageDataset:
       std=std, augment=spec.augment)
 
 
+def with_validation(ds: ImageDataset, size: float) -> ImageDataset:
+  """`ds` with its last `size` train images (a count, or a fraction of train when < 1)
+  moved into a validation split: the same images in every run, disjoint from the ones
+  trained on. The normalisation statistics are those of the remaining train images."""
+  n = len(ds.train_labels)
+  count = int(round(size * n)) if size < 1 else int(size)
+  if not 0 < count < n:
+    raise errors.ConfigError(
+        f"data.val_size={size} gives {count} of the {n} train images of {ds.name}; use a "
+        f"count in 1..{n - 1}, a fraction in (0, 1), or -1 for the dataset's default.")
+  train_x, val_x = ds.train_images[:n - count], ds.train_images[n - count:]
+  mean, std = _channel_stats(train_x)
+  return dataclasses.replace(ds, train_images=train_x, train_labels=ds.train_labels[:n - count],
+                             val_images=val_x, val_labels=ds.train_labels[n - count:],
+                             mean=mean, std=std)
+
+
+def default_val_size(name: str) -> float:
+  """The validation carve of `with_validation` that a dataset uses by default."""
+  if name not in _SPECS:
+    raise errors.unknown_key("image dataset", name, _SPECS)
+  return _SPECS[name].val_size
+
+
 def load_image_dataset(name: str, *, source: str = "auto",
                        data_dir: str | None = None) -> ImageDataset:
-  """Loads a dataset whole into host memory.
+  """Loads a dataset whole into host memory (train and test; see `with_validation`).
 
   Args:
     name: "digits", "fashion_mnist", "mnist", "cifar10" or "cifar100".
@@ -401,6 +430,8 @@ def eval_batches(ds: ImageDataset, *, batch_size: int, split: str = "test",
   """
   splits = {"train": (ds.train_images, ds.train_labels),
             "test": (ds.test_images, ds.test_labels)}
+  if ds.val_images is not None:
+    splits["val"] = (ds.val_images, ds.val_labels)
   if split not in splits:
     raise errors.unknown_key("split", split, splits)
   images, labels = splits[split]

@@ -29,24 +29,29 @@ def _config(arg, data_dir):
 
 
 def _loss(task, params, batch, key):
-  return jax.jit(lambda p, b, k: task.loss_fn(p, b, k, train=True))(params, batch, key)
+  return jax.jit(lambda p, b, k: task.loss_fn(p, b, k, step=5, train=True))(params, batch,
+                                                                            key)
 
 
 def test_step_and_keep_ratio_loss_reach_the_model(tmp_path):
   data = fakes.write_fashion_mnist(tmp_path / "data")
   cfg = _config("fashion_mnist,smoke", data)
   task = tasks.build(cfg, mesh_lib.make_mesh())
+  assert tasks.takes_step(task.model)
   batch = task.train_batch(5)
-  assert np.all(batch["step"] == 5) and batch["step"].shape == batch["label"].shape
   params = task.init(jax.random.key(0))
   loss, metrics = _loss(task, params, batch, jax.random.key(1))
+  # The step reaches the model's schedules: hard masks at step 5, soft ones at step 0.
+  _, at_start = jax.jit(lambda p, b, k: task.loss_fn(p, b, k, step=0, train=True))(
+      params, batch, jax.random.key(1))
+  assert float(metrics["kept_stage0"]) != float(at_start["kept_stage0"])
   assert set(metrics) >= {"accuracy", "cross_entropy", "keep_ratio_loss", "kept_stage0"}
   expected = metrics["cross_entropy"] + cfg.keep_ratio_weight * metrics["keep_ratio_loss"]
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
   # The ablation has no step and no extra terms: the plain classification loss.
   vcfg = _config("fashion_mnist,smoke,variant=dendritic_vit", data)
   vtask = tasks.build(vcfg, mesh_lib.make_mesh())
-  assert "step" not in vtask.train_batch(0)
+  assert not tasks.takes_step(vtask.model)
   _, vmetrics = _loss(vtask, vtask.init(jax.random.key(0)), vtask.train_batch(0),
                       jax.random.key(1))
   assert set(vmetrics) == {"accuracy"}
@@ -60,7 +65,8 @@ def test_distillation_from_a_trained_baseline(tmp_path):
   trainer.train_and_evaluate(teacher, str(tmp_path / "teacher"), echo=lambda s: None)
   cfg = _config("fashion_mnist,smoke", data)
   cfg.distill.teacher_workdir = str(tmp_path / "teacher")
-  task = tasks.build(cfg, mesh_lib.make_mesh())
+  task = tasks.build(cfg, mesh_lib.make_mesh(),
+                     teacher=trainer.load_teacher(cfg.distill.teacher_workdir))
   params = task.init(jax.random.key(0))
   loss, metrics = _loss(task, params, task.train_batch(0), jax.random.key(1))
   # The student's head starts at zero (uniform logits); the teacher's has trained one step.
@@ -70,7 +76,7 @@ def test_distillation_from_a_trained_baseline(tmp_path):
               + cfg.distill.token_weight * metrics["distill_tokens"])
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   grads = jax.grad(lambda p: task.loss_fn(p, task.train_batch(0), jax.random.key(1),
-                                          train=True)[0])(params)
+                                          step=0, train=True)[0])(params)
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 

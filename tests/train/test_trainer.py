@@ -87,7 +87,7 @@ def test_train_step_skips_update_on_nonfinite_loss():
   tx, schedule = optax.sgd(0.1), optax.constant_schedule(0.1)
   state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=tx.init(params))
-  loss_fn = lambda p, b, k, train: (jnp.sum(p["w"]) * b["scale"], {})
+  loss_fn = lambda p, b, k, step, train: (jnp.sum(p["w"]) * b["scale"], {})
   good, m = trainer.train_step(state, {"scale": 1.0}, None, loss_fn=loss_fn, tx=tx,
                                schedule=schedule)
   chex.assert_trees_all_close(good.params["w"], jnp.full(3, 0.9))
