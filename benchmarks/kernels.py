@@ -1,26 +1,36 @@
 """Speed of block-sparse attention and ternary matmul against their dense peers.
 
   python -m benchmarks.kernels --out=kernels.json [--quick] [--impl=auto|pallas|xla]
+      [--seqs=1024,2048] [--dtypes=float32,bfloat16]
 
-Attention: batch 1, 8 heads, head dim 64, float32, at sequence lengths 1024, 2048 and
-4096 and block densities 1.0, 0.5, 0.25 and 0.1, forward and forward+backward (the
-gradient of a random projection of the output with respect to q, k and v). Each
-query-block row of the mask has exactly round(density * blocks) active key blocks,
-chosen at random, so the XLA path's static bound equals the real count. The peer is
-`jax.nn.dot_product_attention` (dense, in its native [batch, seq, heads, dim] layout).
-For one sequence length and pass, dense and every density run in round robin (so load
-from other processes on a shared machine slows them alike) and the median is kept.
+Attention: batch 1, 8 heads, head dim 64, at block densities 1.0, 0.5, 0.25 and 0.1,
+forward and forward+backward (the gradient of a random projection of the output with
+respect to q, k and v). Sequences 1024-4096 in float32 on CPU; 1024-8192 in float32
+and bfloat16 on a GPU or TPU. Each query-block row of the mask has exactly
+round(density * blocks) active key blocks, chosen at random, so the XLA path's static
+bound equals the real count. The peer is `jax.nn.dot_product_attention` (dense, in
+its native [batch, seq, heads, dim] layout; implementation="cudnn" on a GPU where
+cuDNN takes the dtype, else XLA's; `dense_impl` says which). For one sequence length,
+dtype and pass, dense and every density run in round robin (so load from other
+processes on a shared machine slows them alike) and the median is kept.
+
+The goal for the compiled kernel (impl=pallas on an accelerator) is computed from the
+measured fields: faster than dense (`speedup > 1`) at every density <= 0.5 and within
+1.3x of dense (`ms <= 1.3 * dense_ms`) at density 1, for every sequence, dtype and pass.
 
 Ternary: packed activations [M, K] (uint32, 16 codes a word) times float32 weights
 [K, N], and ternary times ternary, against the float32 matmul of the same shape; and
 the bytes of the packed activations against their float32 form.
 
-One record per case, with backend, impl, seq, density, ms, dense_ms and speedup.
+One record per case, with backend, impl, dtype, seq, density, ms, dense_ms and
+speedup; the JSON also names the devices (`jax.devices()`, and `nvidia-smi` on a GPU).
 """
 
 import functools
+import json
 import math
 import os
+import subprocess
 
 from absl import app
 from absl import flags
@@ -42,11 +52,21 @@ _IMPL = flags.DEFINE_enum("impl", "auto", ops.IMPLS,
 _RUNS = flags.DEFINE_integer("runs", 3, "Timed runs per case (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed runs per case after compiling.")
 _BLOCK = flags.DEFINE_integer("block", 128, "Attention tile size (block_q = block_k).")
+_SEQS = flags.DEFINE_list("seqs", [], "Attention sequence lengths ('' = the default "
+                          "for the backend and --quick).")
+_DTYPES = flags.DEFINE_list("dtypes", [], "Attention dtypes ('' = float32 on CPU, "
+                            "float32,bfloat16 on an accelerator).")
 
-SEQS, QUICK_SEQS = (1024, 2048, 4096), (256, 512)
+SEQS, ACCELERATOR_SEQS, QUICK_SEQS = (1024, 2048, 4096), (1024, 2048, 4096, 8192), (256, 512)
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 TERNARY_SHAPE, QUICK_TERNARY_SHAPE = (2048, 2048, 2048), (256, 512, 256)  # M, K, N
+# The goal of the compiled kernel against dense attention.
+SPARSE_DENSITY, FULL_DENSITY_SLOWDOWN = 0.5, 1.3
+
+
+def accelerated() -> bool:
+  return jax.default_backend() in ("gpu", "tpu")
 
 
 def fixed_density_mask(rng, num_rows, num_cols, active):
@@ -58,59 +78,130 @@ def fixed_density_mask(rng, num_rows, num_cols, active):
 
 def with_grad(fn):
   """fn's output (forward) or its gradient to q, k, v (forward+backward)."""
-  return jax.jit(jax.grad(lambda q, k, v, ct: jnp.sum(fn(q, k, v) * ct),
-                          argnums=(0, 1, 2)))
+  return jax.jit(jax.grad(lambda q, k, v, ct, *rest: jnp.sum(
+      fn(q, k, v, *rest).astype(jnp.float32) * ct), argnums=(0, 1, 2)))
 
 
-def attention_records(seqs, impl, runs, warmup, block):
+def forward(fn):
+  return jax.jit(lambda q, k, v, ct, *rest: fn(q, k, v, *rest))
+
+
+def dense_attention(sample_args):
+  """`jax.nn.dot_product_attention` with cuDNN where it compiles for these
+  arguments (a GPU, a dtype it takes), else XLA's; returns (fn, implementation)."""
+  if jax.default_backend() == "gpu":
+    cudnn = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
+    try:
+      with_grad(cudnn).lower(*sample_args).compile()
+      return cudnn, "cudnn"
+    except Exception:  # pylint: disable=broad-except
+      pass  # cuDNN's fused attention takes float16/bfloat16 only.
+  return functools.partial(jax.nn.dot_product_attention, implementation="xla"), "xla"
+
+
+def attention_records(seqs, dtypes, impl, runs, warmup, block):
   impl_name, interpret = ops.resolve_impl(impl)
   block_sizes = bsa.BlockSizes(block, block)
   rng = np.random.default_rng(0)
   records = []
-  for seq in seqs:
-    keys = jax.random.split(jax.random.key(seq), 4)
-    q, k, v, ct = [jax.random.normal(key, (BATCH, HEADS, seq, HEAD_DIM)) for key in keys]
-    bshd = lambda x: x.swapaxes(1, 2)
-    dense_args = [bshd(x) for x in (q, k, v, ct)]
-    nk = block_sizes.grid(seq, seq)[1]
-    cases = {}
-    for density in DENSITIES:
-      active = max(1, round(density * nk))
-      mask = fixed_density_mask(rng, nk, nk, active)
-      cases[density] = (active, functools.partial(
-          ops.attention, block_mask=mask, block_sizes=block_sizes,
-          max_active_blocks=active, impl=impl))
-    for pass_name in ("fwd", "fwd+bwd"):
-      if pass_name == "fwd":
-        wrap = lambda fn: jax.jit(lambda q, k, v, ct: fn(q, k, v))
-      else:
-        wrap = with_grad
-      fns = {density: wrap(fn) for density, (_, fn) in cases.items()}
-      fns["dense"] = wrap(jax.nn.dot_product_attention)
-      runs_by_name = {name: functools.partial(fn, q, k, v, ct)
-                      for name, fn in fns.items() if name != "dense"}
-      runs_by_name["dense"] = functools.partial(fns["dense"], *dense_args)
-      # Density 1.0 computes full attention: a check that the two peers agree.
-      error = jax.tree.map(
-          lambda a, b: float(jnp.max(jnp.abs(a - b))), runs_by_name[1.0](),
-          jax.tree.map(bshd, runs_by_name["dense"]()))
-      times = timing.measure_interleaved(runs_by_name, warmup=warmup, runs=runs)
-      dense_ms = 1e3 * times["dense"]["median_s"]
-      full_ms = 1e3 * times[1.0]["median_s"]
-      for density in DENSITIES:
-        active = cases[density][0]
-        ms = 1e3 * times[density]["median_s"]
-        records.append(dict(
-            op="block_sparse_attention", backend=jax.default_backend(),
-            impl=impl_name, interpret=interpret, mode=pass_name, seq=seq,
-            density=density, active_density=active / nk, active_blocks=active,
-            block=block, batch=BATCH, heads=HEADS, head_dim=HEAD_DIM, ms=ms,
-            dense_ms=dense_ms, speedup=dense_ms / ms, time_vs_full=ms / full_ms,
-            max_abs_diff_full_vs_dense=max(jax.tree.leaves(error))))
-        print(f"attention {pass_name:7s} seq {seq:5d} density {density:4.2f} "
-              f"({active:2d}/{nk} blocks): {ms:9.1f} ms  dense {dense_ms:9.1f} ms  "
-              f"x{dense_ms / ms:5.2f}  (time / full: {ms / full_ms:4.2f})", flush=True)
+  for dtype_name in dtypes:
+    dtype = jnp.dtype(dtype_name)
+    for seq in seqs:
+      records += _attention_at(seq, dtype, impl, impl_name, interpret, block_sizes, rng,
+                               runs, warmup)
   return records
+
+
+def _attention_at(seq, dtype, impl, impl_name, interpret, block_sizes, rng, runs,
+                  warmup):
+  keys = jax.random.split(jax.random.key(seq), 4)
+  q, k, v, ct = [jax.random.normal(key, (BATCH, HEADS, seq, HEAD_DIM)).astype(dtype)
+                 for key in keys]
+  bshd = lambda x: x.swapaxes(1, 2)
+  dense_args = [bshd(x) for x in (q, k, v, ct)]
+  nk = block_sizes.grid(seq, seq)[1]
+  dense_fn, dense_impl = dense_attention(dense_args)
+  records = []
+  cases, fns = {}, {}
+  for density in DENSITIES:
+    active = max(1, round(density * nk))
+    # The mask is an argument, so the kernel compiles once for all densities; the
+    # XLA path's static bound makes one program per density.
+    bound = active if impl_name == "xla" else None
+    fn = fns.setdefault(bound, functools.partial(
+        ops.attention, block_sizes=block_sizes, impl=impl, max_active_blocks=bound))
+    cases[density] = (active, fixed_density_mask(rng, nk, nk, active), fn)
+  for pass_name in ("fwd", "fwd+bwd"):
+    wrap = forward if pass_name == "fwd" else with_grad
+    wrapped = {id(fn): wrap(fn) for fn in fns.values()}
+    runs_by_name = {density: functools.partial(wrapped[id(fn)], q, k, v, ct, mask)
+                    for density, (_, mask, fn) in cases.items()}
+    runs_by_name["dense"] = functools.partial(wrap(dense_fn), *dense_args)
+    # Density 1.0 computes full attention: a check that the two peers agree.
+    error = jax.tree.map(
+        lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))),
+        runs_by_name[1.0](),
+        jax.tree.map(lambda x: bshd(x).astype(jnp.float32), runs_by_name["dense"]()))
+    times = timing.measure_interleaved(runs_by_name, warmup=warmup, runs=runs)
+    dense_ms = 1e3 * times["dense"]["median_s"]
+    full_ms = 1e3 * times[1.0]["median_s"]
+    for density in DENSITIES:
+      active = cases[density][0]
+      ms = 1e3 * times[density]["median_s"]
+      records.append(dict(
+          op="block_sparse_attention", backend=jax.default_backend(),
+          impl=impl_name, interpret=interpret, dtype=dtype.name, mode=pass_name,
+          seq=seq, density=density, active_density=active / nk, active_blocks=active,
+          block=block_sizes.block_q, batch=BATCH, heads=HEADS, head_dim=HEAD_DIM,
+          ms=ms, dense_ms=dense_ms, dense_impl=dense_impl, speedup=dense_ms / ms,
+          time_vs_full=ms / full_ms, max_abs_diff_full_vs_dense=max(jax.tree.leaves(error))))
+      print(f"attention {dtype.name:8s} {pass_name:7s} seq {seq:5d} density {density:4.2f} "
+            f"({active:2d}/{nk} blocks): {ms:9.2f} ms  dense ({dense_impl}) "
+            f"{dense_ms:9.2f} ms  x{dense_ms / ms:5.2f}  (time / full: "
+            f"{ms / full_ms:4.2f})", flush=True)
+  return records
+
+
+def attention_goal(records) -> dict:
+  """The goal, checked on every measured (dtype, seq, pass): speedup > 1 at density
+  <= 0.5 and ms <= 1.3 * dense_ms at density 1. `evaluated` is False unless the
+  records are of the compiled kernel on an accelerator (the goal is about it)."""
+  checks = []
+  for r in records:
+    if r["density"] <= SPARSE_DENSITY:
+      target, met = "faster than dense", r["ms"] < r["dense_ms"]
+    elif math.isclose(r["density"], 1.0):
+      target = f"within {FULL_DENSITY_SLOWDOWN}x of dense"
+      met = r["ms"] <= FULL_DENSITY_SLOWDOWN * r["dense_ms"]
+    else:
+      continue
+    checks.append(dict(dtype=r["dtype"], seq=r["seq"], mode=r["mode"],
+                       density=r["density"], target=target, speedup=r["speedup"],
+                       met=bool(met)))
+  evaluated = bool(records) and all(
+      r["impl"] == "pallas" and not r["interpret"] and r["backend"] in ("gpu", "tpu")
+      for r in records)
+  return dict(
+      criteria=(f"compiled kernel faster than dense attention at density <= "
+                f"{SPARSE_DENSITY} and within {FULL_DENSITY_SLOWDOWN}x of it at density "
+                "1, for every sequence, dtype and pass"),
+      evaluated=evaluated, met=bool(checks) and all(c["met"] for c in checks),
+      failed=[c for c in checks if not c["met"]], checks=checks)
+
+
+def devices() -> dict:
+  """What ran the benchmark: jax's devices and, where there is one, nvidia-smi."""
+  info = dict(devices=[str(d) for d in jax.devices()],
+              device_kinds=sorted({d.device_kind for d in jax.devices()}))
+  try:
+    smi = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
+         "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+    if smi.returncode == 0:
+      info["nvidia_smi"] = smi.stdout.strip().splitlines()
+  except (OSError, subprocess.SubprocessError):
+    pass  # No NVIDIA driver here.
+  return info
 
 
 def ternary_records(shape, impl, runs, warmup):
@@ -148,22 +239,43 @@ def ternary_records(shape, impl, runs, warmup):
   return records
 
 
+def save_partial(path, result):
+  """Writes `result` to `path` (if any) without a message, marked partial."""
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(dict(result, partial=True), f, indent=2)
+
+
 def main(argv):
   del argv
   quick = _QUICK.value
   runs = 1 if quick else _RUNS.value
-  result = dict(
-      machine=common.machine(),
-      attention=attention_records(QUICK_SEQS if quick else SEQS, _IMPL.value, runs,
-                                  _WARMUP.value, _BLOCK.value),
-      ternary=ternary_records(QUICK_TERNARY_SHAPE if quick else TERNARY_SHAPE,
-                              _IMPL.value, runs, _WARMUP.value))
-  goal = [r for r in result["attention"]
-          if r["seq"] == 2048 and math.isclose(r["density"], 0.25)]
-  for r in goal:
-    print(f"goal: seq 2048 density 0.25 {r['mode']}: x{r['speedup']:.2f} vs dense "
-          f"(target 2.5)")
+  if _SEQS.value:
+    seqs = tuple(int(x) for x in _SEQS.value)
+  else:
+    seqs = QUICK_SEQS if quick else ACCELERATOR_SEQS if accelerated() else SEQS
+  dtypes = tuple(_DTYPES.value) or (
+      ("float32", "bfloat16") if accelerated() else ("float32",))
+  result = dict(machine=common.machine(**devices()), attention=[])
+  for seq in seqs:  # Longest last; each finished sequence is saved at once, so a
+    # run stopped by a time limit keeps what it measured.
+    result["attention"] += attention_records((seq,), dtypes, _IMPL.value, runs,
+                                             _WARMUP.value, _BLOCK.value)
+    result["attention_goal"] = attention_goal(result["attention"])
+    save_partial(_OUT.value, result)
+  goal = result["attention_goal"]
+  result["ternary"] = ternary_records(QUICK_TERNARY_SHAPE if quick else TERNARY_SHAPE,
+                                      _IMPL.value, runs, _WARMUP.value)
+  for c in goal["checks"] if goal["evaluated"] else []:
+    print(f"goal: {c['dtype']:8s} {c['mode']:7s} seq {c['seq']:5d} density "
+          f"{c['density']:4.2f}: x{c['speedup']:.2f} vs dense ({c['target']}): "
+          f"{'met' if c['met'] else 'MISSED'}")
+  print(f"goal ({goal['criteria']}): {'met' if goal['met'] else 'not met'}"
+        + ("" if goal["evaluated"] else " (not evaluated: the goal is for the compiled "
+           "kernel on an accelerator, run with --impl=pallas there)"))
   result["machine"]["load_average_end"] = os.getloadavg()
+  result["partial"] = False
   common.write_json(_OUT.value, result)
 
 

@@ -18,7 +18,10 @@ its gradients (to q, and its contribution to k and v) as zeros; nothing is NaN.
 Three implementations share these semantics:
 
 * `block_sparse_attention`: Pallas kernels (GPU via Triton, TPU via Mosaic, CPU via
-  `interpret=True`).
+  `interpret=True`). Which lowering a platform gets is decided when the program is
+  lowered, for the platform it is lowered for (`jax.lax.platform_dependent`), not from
+  `jax.default_backend()`: `jax.export(..., platforms=["cuda"])` on a CPU host
+  produces the Triton custom call a GPU would run (see `pallas_per_platform`).
   The forward pass is FlashAttention's online softmax (Dao et al. 2022, Alg. 1; the
   loop order of FlashAttention-2, Dao 2023, Alg. 1): one program per query block loops
   over the *active* key blocks of its row of the mask only, so a tile whose mask bit is
@@ -41,6 +44,10 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+from jax.extend import core as jex_core
+from jax.interpreters import batching
+from jax.interpreters import mlir
 import numpy as np
 
 # A finite stand-in for -inf: `exp(_MASK_VALUE - m)` underflows to 0 without the
@@ -48,30 +55,155 @@ import numpy as np
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
+class BlockSizeError(ValueError):
+  """Block sizes or a GPU lowering that the target platform's Pallas lowering cannot
+  take. Raised when the program is lowered for that platform (`jit`, `jax.export`)."""
+
+
+# GPU lowerings a kernel may name. Pallas can lower a `pallas_call` for CUDA through
+# Triton or through Mosaic GPU; these kernels need Triton (Mosaic GPU's `pallas_call`
+# lowering has no `dot_general` in jax 0.10: it wants `plgpu.wgmma` kernels).
+GPU_LOWERINGS = ("triton", "mosaic_gpu")
+_NO_MOSAIC_GPU = (
+    "has no Mosaic GPU lowering: Pallas' Mosaic GPU lowering implements no "
+    "dot_general (jax 0.10; its matmuls are plgpu.wgmma kernels). Use "
+    "gpu_lowering='triton'.")
+
+
+def is_power_of_two(n: int) -> bool:
+  return n > 0 and n & (n - 1) == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tiling of the attention map; the block mask has one bit per tile.
 
-  Triton wants powers of two >= 16; TPU wants multiples of 128 (the lane width).
+  What each platform's lowering needs (checked when the kernels are lowered for it,
+  by `lowering_problem`; a violation raises `BlockSizeError`, not a compiler dump):
+
+  * Triton (CUDA, ROCm): block_q, block_k and head_dim powers of two >= 16 (Triton
+    tensors have power-of-two sizes; `tl.dot` needs every dimension >= 16).
+  * TPU (Mosaic): block_q and block_k multiples of 128. block_k is the lane
+    dimension of the logits tile and block_q that of its transpose in the dk/dv
+    kernel; the vector lanes are 128 wide. head_dim may be anything (a block always
+    spans all of it); multiples of 128 fill the MXU.
+
+  The default 128 x 128 fits both.
 
   Attributes:
     block_q: query rows per tile (and per kernel program).
     block_k: key columns per tile.
     num_warps: Triton warps per program (GPU only).
     num_stages: Triton software-pipelining stages (GPU only).
+    gpu_lowering: the Pallas lowering used when lowering for a GPU, one of
+      `GPU_LOWERINGS`; only "triton" is implemented by these kernels (TPU always
+      uses Mosaic TPU). Chosen per lowering platform, never from the default
+      backend.
   """
   block_q: int = 128
   block_k: int = 128
   num_warps: int = 4
   num_stages: int = 2
+  gpu_lowering: str = "triton"
 
   def __post_init__(self):
     if self.block_q < 1 or self.block_k < 1:
-      raise ValueError(f"block sizes must be positive, got {self}")
+      raise BlockSizeError(f"block sizes must be positive, got {self}")
+    if self.gpu_lowering not in GPU_LOWERINGS:
+      raise BlockSizeError(
+          f"gpu_lowering must be one of {GPU_LOWERINGS}, got {self.gpu_lowering!r}")
 
   def grid(self, seq_q: int, seq_k: int) -> tuple[int, int]:
     """The block-mask shape `(ceil(seq_q / block_q), ceil(seq_k / block_k))`."""
     return pl.cdiv(seq_q, self.block_q), pl.cdiv(seq_k, self.block_k)
+
+  def lowering_problem(self, platform: str, head_dim: int) -> str | None:
+    """Why the kernels cannot be lowered for `platform` ("cuda", "rocm", "tpu") with
+    this tiling and `head_dim`, or None if they can."""
+    if platform in ("cuda", "rocm"):
+      if self.gpu_lowering != "triton":
+        return f"block_sparse_attention {_NO_MOSAIC_GPU}"
+      bad = {name: n for name, n in (("block_q", self.block_q),
+                                     ("block_k", self.block_k), ("head_dim", head_dim))
+             if not (is_power_of_two(n) and n >= 16)}
+      if bad:
+        return (f"block_sparse_attention on {platform} (Triton) needs block_q, block_k "
+                f"and head_dim to be powers of two >= 16; got {bad}. Choose BlockSizes "
+                "such as BlockSizes(64, 64) or BlockSizes(128, 128).")
+      return None
+    if platform == "tpu":
+      bad = {name: n for name, n in (("block_q", self.block_q), ("block_k", self.block_k))
+             if n % 128}
+      if bad:
+        return (f"block_sparse_attention on TPU (Mosaic) needs block_q and block_k to "
+                f"be multiples of 128 (the lane width); got {bad}. Choose BlockSizes "
+                "such as BlockSizes(128, 128) or BlockSizes(256, 128).")
+      return None
+    return (f"block_sparse_attention has no {platform} lowering: on CPU run it with "
+            "interpret=True, or use block_sparse_attention_xla "
+            "(ponder.ops.attention(impl='xla')).")
+
+  def check_lowering(self, platform: str, head_dim: int) -> None:
+    """Raises `BlockSizeError` if `lowering_problem(platform, head_dim)`."""
+    problem = self.lowering_problem(platform, head_dim)
+    if problem:
+      raise BlockSizeError(problem)
+
+
+# A primitive that is the identity on its operand and whose lowering raises: bound in
+# the branch of `pallas_per_platform` for a platform the kernel cannot be lowered for,
+# so that lowering for that platform (only) fails with our message. (Tracing builds
+# every platform's branch, so the check cannot run at trace time.)
+_lowering_guard_p = jex_core.Primitive("pallas_lowering_guard")
+_lowering_guard_p.def_impl(lambda x, *, message: x)
+_lowering_guard_p.def_abstract_eval(lambda x, *, message: x)
+
+
+def _lowering_guard_rule(ctx, x, *, message):
+  del ctx, x
+  raise BlockSizeError(message)
+
+
+mlir.register_lowering(_lowering_guard_p, _lowering_guard_rule)
+batching.primitive_batchers[_lowering_guard_p] = (
+    lambda args, dims, *, message: (_lowering_guard_p.bind(*args, message=message),
+                                    dims[0]))
+
+_GPU_PLATFORMS = ("cuda", "rocm")
+
+
+def pallas_per_platform(call, operands, *, tpu_params, triton_params, gpu_lowering,
+                        problem):
+  """`call(compiler_params, *operands)` with the compiler parameters of the platform
+  the program is lowered for.
+
+  `pallas_call` takes one backend's parameters, and without Triton's it lowers for
+  CUDA through Mosaic GPU; choosing them from `jax.default_backend()` is wrong under
+  cross-platform lowering (`jax.export(..., platforms=[...])`) and for a program
+  lowered on one host to run on another. `lax.platform_dependent` defers the choice
+  to lowering, which keeps only the branch of the target platform. `problem(platform)`
+  is None or why the kernel cannot be lowered for it; that branch then raises
+  `BlockSizeError` with it when lowered, and other platforms are unaffected.
+
+  Lower for one accelerator platform at a time: in a multi-platform lowering
+  (`jax.export(..., platforms=["cuda", "tpu"])`) jax 0.10 lowers every kept branch for
+  all the platforms, and Pallas refuses Triton parameters for TPU.
+  """
+  def branch(platform, params):
+    message = problem(platform)
+
+    def run(first, *rest):
+      if message:
+        first = _lowering_guard_p.bind(first, message=message)
+      return call(params, first, *rest)
+    return run
+
+  if gpu_lowering != "triton":
+    triton_params = None  # Never lowered: `problem` rejects the GPU platforms.
+  return lax.platform_dependent(
+      *operands, tpu=branch("tpu", tpu_params),
+      **{p: branch(p, triton_params) for p in _GPU_PLATFORMS},
+      default=branch("cpu", None))
 
 
 def check_inputs(q, k, v, block_mask, kv_padding, block_sizes):
@@ -296,11 +428,6 @@ def _call(kernel, static, mask, arrays, own, outs):
   `arrays` (its own block where `own[i]`, else all blocks) and its own block of each
   output in `outs` ((shape, dtype) of blocked outputs).
   """
-  params = None
-  if not static.interpret and jax.default_backend() == "gpu":
-    from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-    params = plgpu.CompilerParams(num_warps=static.block_sizes.num_warps,
-                                  num_stages=static.block_sizes.num_stages)
   counts, indices = _active_blocks(mask)
   counts = counts[:, :, None, :]  # A TPU block's last two dims must be whole or tiled.
   # TPU kernels read scalars from SMEM; other backends ignore the memory space.
@@ -308,15 +435,31 @@ def _call(kernel, static, mask, arrays, own, outs):
                                  lambda b, h, i: (b, h) + (0,) * (t.ndim - 2),
                                  memory_space=pltpu.SMEM)
   out_shapes = [_out_shape(shape, dtype, mask, *arrays) for shape, dtype in outs]
-  return pl.pallas_call(
-      functools.partial(kernel, scale=static.scale, causal=static.causal),
-      grid=mask.shape[:3],
-      in_specs=[table(counts), table(indices)]
-      + [_spec(x, o) for x, o in zip(arrays, own)],
-      out_specs=[_spec(o, True) for o in out_shapes],
-      out_shape=out_shapes, compiler_params=params, interpret=static.interpret,
-      name=kernel.__name__.strip("_"),
-  )(counts, indices, *arrays)
+
+  def call(compiler_params, *operands):
+    return pl.pallas_call(
+        functools.partial(kernel, scale=static.scale, causal=static.causal),
+        grid=mask.shape[:3],
+        in_specs=[table(counts), table(indices)]
+        + [_spec(x, o) for x, o in zip(arrays, own)],
+        out_specs=[_spec(o, True) for o in out_shapes],
+        out_shape=out_shapes, compiler_params=compiler_params,
+        interpret=static.interpret, name=kernel.__name__.strip("_"),
+    )(*operands)
+
+  operands = (counts, indices, *arrays)
+  if static.interpret:
+    return call(None, *operands)
+  bs = static.block_sizes
+  head_dim = arrays[0].shape[-1]
+  return pallas_per_platform(
+      call, operands,
+      # Every program writes only its own output block.
+      tpu_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 3),
+      triton_params=pltriton.CompilerParams(num_warps=bs.num_warps,
+                                            num_stages=bs.num_stages),
+      gpu_lowering=bs.gpu_lowering,
+      problem=lambda platform: bs.lowering_problem(platform, head_dim))
 
 
 def _kernel_layout(static, q, k, v, kv_valid):
@@ -386,13 +529,19 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=False, kv_padding=None
       computed from data inside `jit`.
     causal: also mask keys after the query (j > i).
     kv_padding: optional boolean `[batch, seq_k]`, True at padding keys.
-    block_sizes: tiling, `BlockSizes()` (128 x 128) by default. Sequences that are
-      not whole blocks are zero-padded internally and the padding masked.
+    block_sizes: tiling, `BlockSizes()` (128 x 128, Triton on GPU) by default.
+      Sequences that are not whole blocks are zero-padded internally and the
+      padding masked. See `BlockSizes` for what each platform needs.
     scale: logit scale, `head_dim ** -0.5` by default.
     interpret: run the kernels in the Pallas interpreter (needed on CPU).
 
   Returns:
     `[batch, heads, seq_q, head_dim]` in q's dtype; rows with no active key are 0.
+
+  Raises:
+    ValueError: shapes that do not fit together (at trace time).
+    BlockSizeError: when lowered (not interpreted) for a platform whose lowering the
+      tiling, head_dim or `gpu_lowering` does not suit, or for CPU.
   """
   block_sizes = block_sizes or BlockSizes()
   check_inputs(q, k, v, block_mask, kv_padding, block_sizes)

@@ -32,7 +32,9 @@ ternary weights, in a Pallas kernel (GPU via Triton, TPU via Mosaic, where uint3
 words suit the 32-bit vector lanes; CPU via `interpret=True`): each output tile loops
 over chunks of words, decodes each bit field in registers and accumulates one small
 matmul per field in float32. `ternary_matmul_reference` unpacks and runs one dense
-matmul, which is also the fast path on CPU.
+matmul, which is also the fast path on CPU. As for block-sparse attention, the kernel's
+lowering (Triton or Mosaic TPU) is chosen for the platform the program is lowered
+for, not from `jax.default_backend()` (`block_sparse_attention.pallas_per_platform`).
 """
 
 import dataclasses
@@ -42,7 +44,12 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 import numpy as np
+
+from kernels.block_sparse_attention import (
+    GPU_LOWERINGS, BlockSizeError, is_power_of_two, pallas_per_platform)
 
 _PACKED_DTYPES = (jnp.uint8, jnp.uint32)
 DEFAULT_SLOPE = 5.0  # Surrogate steepness k: H~' falls to 1/4 of its peak at |u| = 1/k.
@@ -133,10 +140,67 @@ def unpack_ternary(packed, n, dtype=jnp.int8):
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tiling of `ternary_matmul`: output tiles `[block_m, block_n]`, reduction steps of
-  `block_words` packed words (`block_words * P` values of the contraction)."""
+  `block_words` packed words (`block_words * P` values of the contraction).
+
+  What each platform's lowering needs (checked when the kernel is lowered for it; a
+  violation raises `BlockSizeError`):
+
+  * Triton (CUDA, ROCm): all three powers of two >= 16 (Triton tensor sizes are
+    powers of two; `tl.dot` needs every dimension >= 16).
+  * TPU (Mosaic): block_n and block_words multiples of 128 (the lane dimensions of
+    the output, weight and word tiles) and block_m a multiple of 8 for uint32
+    words, 32 for uint8 (rows per vector register of that width).
+
+  The default 128 x 128 x 128 fits both. `gpu_lowering` is the Pallas lowering for
+  GPUs, one of `GPU_LOWERINGS`; the kernel implements "triton" only.
+  """
   block_m: int = 128
   block_n: int = 128
-  block_words: int = 32
+  block_words: int = 128
+  gpu_lowering: str = "triton"
+
+  def __post_init__(self):
+    if min(self.block_m, self.block_n, self.block_words) < 1:
+      raise BlockSizeError(f"block sizes must be positive, got {self}")
+    if self.gpu_lowering not in GPU_LOWERINGS:
+      raise BlockSizeError(
+          f"gpu_lowering must be one of {GPU_LOWERINGS}, got {self.gpu_lowering!r}")
+
+  def lowering_problem(self, platform: str, word_dtype) -> str | None:
+    """Why the kernel cannot be lowered for `platform` ("cuda", "rocm", "tpu") with
+    this tiling and packed `word_dtype`, or None if it can."""
+    sizes = dict(block_m=self.block_m, block_n=self.block_n,
+                 block_words=self.block_words)
+    if platform in ("cuda", "rocm"):
+      if self.gpu_lowering != "triton":
+        return ("ternary_matmul has no Mosaic GPU lowering: Pallas' Mosaic GPU "
+                "lowering implements no dot_general (jax 0.10). Use "
+                "gpu_lowering='triton'.")
+      bad = {k: n for k, n in sizes.items() if not (is_power_of_two(n) and n >= 16)}
+      if bad:
+        return (f"ternary_matmul on {platform} (Triton) needs block_m, block_n and "
+                f"block_words to be powers of two >= 16; got {bad}. Choose BlockSizes "
+                "such as BlockSizes(128, 128, 128) or BlockSizes(64, 64, 32).")
+      return None
+    if platform == "tpu":
+      rows = 32 // jnp.dtype(word_dtype).itemsize  # 8 rows of 32 bits, 32 of 8.
+      bad = {k: n for k, n in sizes.items()
+             if n % (rows if k == "block_m" else 128)}
+      if bad:
+        return (f"ternary_matmul on TPU (Mosaic) needs block_n and block_words to be "
+                f"multiples of 128 and block_m a multiple of {rows} for "
+                f"{jnp.dtype(word_dtype).name} words; got {bad}. Choose BlockSizes "
+                "such as BlockSizes(128, 128, 128).")
+      return None
+    return (f"ternary_matmul has no {platform} lowering: on CPU run it with "
+            "interpret=True, or use ternary_matmul_reference "
+            "(ponder.ops.ternary_matmul(impl='xla')).")
+
+  def check_lowering(self, platform: str, word_dtype) -> None:
+    """Raises `BlockSizeError` if `lowering_problem(platform, word_dtype)`."""
+    problem = self.lowering_problem(platform, word_dtype)
+    if problem:
+      raise BlockSizeError(problem)
 
 
 def _matmul_kernel(x_ref, w_ref, o_ref, *, rhs_packed):
@@ -225,14 +289,28 @@ def _matmul_forward(x_packed, w, block_sizes, interpret):
     rhs = _pad_to(_pad_to(rhs, 1, bw), 2, bn).reshape(per, chunks, bw, -1)
     rhs_spec = pl.BlockSpec((per, chunks, bw, bn), lambda i, j: (0, 0, 0, j))
     out_dtype, n_p = w.dtype, rhs.shape[3]
-  out = pl.pallas_call(
-      functools.partial(_matmul_kernel, rhs_packed=rhs_packed),
-      grid=(x.shape[1] // bm, n_p // bn),
-      in_specs=[pl.BlockSpec((chunks, bm, bw), lambda i, j: (0, i, 0)), rhs_spec],
-      out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-      out_shape=_out_shape((x.shape[1], n_p), out_dtype, x, rhs),
-      interpret=interpret, name="ternary_matmul",
-  )(x, rhs)
+  grid = (x.shape[1] // bm, n_p // bn)
+
+  def call(compiler_params, x, rhs):
+    return pl.pallas_call(
+        functools.partial(_matmul_kernel, rhs_packed=rhs_packed),
+        grid=grid,
+        in_specs=[pl.BlockSpec((chunks, bm, bw), lambda i, j: (0, i, 0)), rhs_spec],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        out_shape=_out_shape((x.shape[1], n_p), out_dtype, x, rhs),
+        compiler_params=compiler_params, interpret=interpret, name="ternary_matmul",
+    )(x, rhs)
+
+  if interpret:
+    out = call(None, x, rhs)
+  else:
+    out = pallas_per_platform(
+        call, (x, rhs),
+        # Every program writes only its own output tile.
+        tpu_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        triton_params=pltriton.CompilerParams(),
+        gpu_lowering=block_sizes.gpu_lowering,
+        problem=lambda p: block_sizes.lowering_problem(p, x_packed.dtype))
   return out[:m, :n]
 
 
@@ -267,12 +345,18 @@ def ternary_matmul(x_packed, w, *, block_sizes=None, interpret=False):
     w: float `[K, N]` weights (fold a per-channel alpha into its rows), or, for
       ternary x ternary, `[N, W]` codes of the `[K, N]` weight packed along K (i.e.
       `pack_ternary(codes.T)`, same dtype as x_packed).
-    block_sizes: tiling, `BlockSizes()` by default.
+    block_sizes: tiling, `BlockSizes()` by default (see it for what each platform
+      needs).
     interpret: run in the Pallas interpreter (needed on CPU).
 
   Returns:
     `[M, N]`, in w's dtype for float w and float32 (exact integers) for ternary w.
     Differentiable with respect to a float w.
+
+  Raises:
+    ValueError: operands that do not fit together (at trace time).
+    BlockSizeError: when lowered (not interpreted) for a platform whose lowering the
+      tiling or `gpu_lowering` does not suit, or for CPU.
   """
   return _matmul(x_packed, w, block_sizes or BlockSizes(), interpret)
 

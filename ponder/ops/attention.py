@@ -2,9 +2,12 @@
 
 The semantics (element mask, empty rows give zeros, padding) are those of
 `kernels.block_sparse_attention`; this module only picks the implementation and turns
-shape mistakes into `ponder.errors.ShapeError`.
+shape mistakes into `ponder.errors.ShapeError`, and a tiling the backend's kernel
+lowering cannot take (see `BlockSizes`) into `ponder.errors.ConfigError` before
+anything is traced.
 """
 
+import jax
 import jax.numpy as jnp
 
 from kernels import block_sparse_attention as bsa
@@ -12,6 +15,13 @@ from ponder import errors
 import ponder.ops
 
 BlockSizes = bsa.BlockSizes
+
+
+def lowering_platform() -> str:
+  """The Pallas lowering platform of the default backend. "gpu" may be CUDA or ROCm;
+  both lower through Triton, with the same block-size rules."""
+  backend = jax.default_backend()
+  return "cuda" if backend == "gpu" else backend
 
 
 def attention(q, k, v, block_mask=None, *, causal=False, kv_padding=None,
@@ -38,7 +48,8 @@ def attention(q, k, v, block_mask=None, *, causal=False, kv_padding=None,
 
   Raises:
     ShapeError: the shapes do not fit together or the mask does not match the tiling.
-    ConfigError: unknown impl.
+    ConfigError: unknown impl, or (compiled kernel) block sizes or a head_dim that
+      this backend's kernel lowering cannot take.
   """
   impl, interpret = ponder.ops.resolve_impl(impl)
   block_sizes = block_sizes or BlockSizes()
@@ -50,6 +61,10 @@ def attention(q, k, v, block_mask=None, *, causal=False, kv_padding=None,
     raise errors.ShapeError(str(e)) from e
   kwargs = dict(causal=causal, kv_padding=kv_padding, block_sizes=block_sizes,
                 scale=scale)
+  if impl == "pallas" and not interpret:
+    problem = block_sizes.lowering_problem(lowering_platform(), q.shape[-1])
+    if problem:
+      raise errors.ConfigError(problem)
   if impl == "pallas":
     return bsa.block_sparse_attention(q, k, v, block_mask, interpret=interpret,
                                       **kwargs)

@@ -8,6 +8,7 @@ Definitions (spike, surrogate gradient, 2-bit planar packing) are in
 from kernels import ternary as tk
 from ponder import errors
 import ponder.ops
+from ponder.ops.attention import lowering_platform
 
 BlockSizes = tk.BlockSizes
 pack_ternary = tk.pack_ternary
@@ -27,13 +28,19 @@ def ternary_matmul(x_packed, w, *, block_sizes=None, impl="auto"):
 
   Raises:
     ShapeError: the operands do not fit together.
-    ConfigError: unknown impl.
+    ConfigError: unknown impl, or (compiled kernel) block sizes that this backend's
+      kernel lowering cannot take.
   """
   impl, interpret = ponder.ops.resolve_impl(impl)
   try:
     tk.check_matmul(x_packed, w)
   except ValueError as e:
     raise errors.ShapeError(str(e)) from e
+  if impl == "pallas" and not interpret:
+    problem = (block_sizes or BlockSizes()).lowering_problem(lowering_platform(),
+                                                             x_packed.dtype)
+    if problem:
+      raise errors.ConfigError(problem)
   if impl == "pallas":
     return tk.ternary_matmul(x_packed, w, block_sizes=block_sizes, interpret=interpret)
   # On CPU an elementwise decode followed by one dense matmul beats the kernel's

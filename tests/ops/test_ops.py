@@ -113,13 +113,13 @@ SHARDED_SCRIPT = textwrap.dedent("""
       want_grad = jax.grad(lambda q: block_sparse_attention_reference(
           q, k, v, mask, **kw).sum())(q)
       np.testing.assert_allclose(grad(*args), want_grad, atol=1e-4, rtol=1e-4)
-    jax.config.update("jax_pallas_use_mosaic_gpu", False)
     per_device = jax.shard_map(
         lambda q, k, v, m: block_sparse_attention(q, k, v, m, **kw),
         mesh=mesh, in_specs=P("data"), out_specs=P("data"))
     lowered = jax.jit(jax.grad(lambda *a: per_device(*a).sum())).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
-    assert lowered.count("__gpu$xla.gpu.triton") == 3
+    # Forward and dq: the gradient is to q only, so the dk/dv kernel is dead code.
+    assert lowered.count("__gpu$xla.gpu.triton") == 2
     codes = jnp.asarray(np.random.default_rng(0).integers(-1, 2, (64, 48)), jnp.int8)
     w = jnp.asarray(np.random.default_rng(1).normal(size=(48, 16)), jnp.float32)
     packed = jax.device_put(ternary.pack_ternary(codes), batch)
