@@ -201,3 +201,170 @@ def encode_text(text: str, tokenizer: Tokenizer, cache_dir: str | os.PathLike,
                 stem: str = "text") -> np.ndarray:
   """`encode_corpus` for text already in memory (e.g. read from tfds)."""
   return _encode_cached(text.encode("utf-8"), tokenizer, cache_dir, stem)
+
+
+# --- WordPiece (BERT) --------------------------------------------------------------------
+
+_WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_WORDPIECE_HUB_FILES = ("tokenizer.json", "vocab.txt")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WordPieceTokenizer:
+  """BERT's WordPiece (Devlin et al. 2019, Sec. 3; Wu et al. 2016) backed by a
+  `tokenizers.Tokenizer`: BERT's normaliser (optional lower-casing and accent
+  stripping), split on whitespace and punctuation, then greedy longest-match word pieces.
+
+  `encode` gives the word pieces alone (no [CLS]/[SEP]); `encode_many` and
+  `encode_batch` give model inputs: [CLS] pieces [SEP], truncated to max_len.
+  """
+  backend: object
+  name: str
+  vocab_size: int
+  lowercase: bool
+  pad_id: int
+  unk_id: int
+  cls_id: int
+  sep_id: int
+  mask_id: int
+  eos_id: Optional[int] = None  # No end-of-text token; [SEP] ends a segment.
+
+  def encode(self, text: str) -> list[int]:
+    return self.backend.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def encode_many(self, texts: Sequence[str], max_len: int) -> list[list[int]]:
+    """[CLS] + pieces + [SEP] per text, the pieces cut at the end to fit max_len (what
+    Hugging Face's truncation=True does for single sentences)."""
+    if max_len < 3:
+      raise errors.ConfigError(f"max_len={max_len} leaves no room between [CLS] and [SEP].")
+    pieces = self.backend.encode_batch(list(texts), add_special_tokens=False)
+    return [[self.cls_id, *p.ids[:max_len - 2], self.sep_id] for p in pieces]
+
+  def encode_batch(self, texts: Sequence[str], *, max_len: int = 512,
+                   pad_to: Optional[int] = None) -> dict[str, np.ndarray]:
+    """Model inputs for a batch: int32 {input_ids, attention_mask, token_type_ids}
+    [len(texts), L], L = the longest encoding (or `pad_to`), right-padded with [PAD]."""
+    return pad_batch(self.encode_many(texts, max_len), pad_to, self.pad_id)
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], length: Optional[int] = None,
+              pad_id: int = 0) -> dict[str, np.ndarray]:
+  """Right-pads token id lists into int32 {input_ids, attention_mask, token_type_ids}
+  [len(sequences), length] (length None = the longest; single segments: types all 0)."""
+  longest = max((len(s) for s in sequences), default=0)
+  length = longest if length is None else length
+  if longest > length:
+    raise errors.ShapeError(f"a sequence of {longest} tokens does not fit length {length}.")
+  ids = np.full((len(sequences), length), pad_id, np.int32)
+  mask = np.zeros((len(sequences), length), np.int32)
+  for row, seq in enumerate(sequences):
+    ids[row, :len(seq)] = seq
+    mask[row, :len(seq)] = 1
+  return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def _wordpiece_files(path: str | os.PathLike) -> tuple[Optional[pathlib.Path], pathlib.Path]:
+  """(tokenizer.json or None, the file to build from) for a directory, a file or a hub id."""
+  p = pathlib.Path(path).expanduser()
+  if p.is_file():
+    return p.parent, p
+  if p.is_dir():
+    for name in _WORDPIECE_HUB_FILES:
+      if (p / name).is_file():
+        return p, p / name
+    raise errors.MissingDataError(
+        f"no tokenizer.json or vocab.txt in {p}: point wordpiece(path) at a BERT "
+        "checkpoint directory (or one of those files), or give a hub id such as "
+        "'bert-base-uncased'.")
+  try:
+    # pylint: disable=g-import-not-at-top
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+
+    def absent(e):  # The repo lacks the file (not: the hub cannot be reached).
+      return isinstance(e, EntryNotFoundError) and not isinstance(e, LocalEntryNotFoundError)
+
+    try:
+      found = pathlib.Path(hf_hub_download(str(path), "tokenizer.json"))
+    except Exception as e:  # Older repos ship only vocab.txt.
+      if not absent(e):
+        raise
+      found = pathlib.Path(hf_hub_download(str(path), "vocab.txt"))
+    try:
+      hf_hub_download(str(path), "tokenizer_config.json")  # For do_lower_case.
+    except Exception as e:  # Optional: BERT's default (lower-case) applies.
+      if not absent(e):
+        raise
+    return found.parent, found
+  except Exception as e:  # ImportError, offline, unknown repo: one answer for all.
+    raise errors.MissingDataError(
+        f"{str(path)!r} is not a local file or directory and its tokenizer.json/vocab.txt "
+        f"could not be fetched from the Hugging Face hub ({type(e).__name__}: {e}). Pass "
+        "a directory with tokenizer.json or vocab.txt (e.g. the checkpoint's).") from e
+
+
+def _configured_lowercase(directory: pathlib.Path) -> Optional[bool]:
+  config = directory / "tokenizer_config.json"
+  if config.is_file():
+    import json  # pylint: disable=g-import-not-at-top
+    value = json.loads(config.read_text()).get("do_lower_case")
+    return None if value is None else bool(value)
+  return None
+
+
+def wordpiece(path: str | os.PathLike, *, lowercase: Optional[bool] = None) -> WordPieceTokenizer:
+  """BERT's WordPiece tokenizer from a checkpoint's files.
+
+  Args:
+    path: a directory holding tokenizer.json (preferred) or vocab.txt, one of those
+      files, or a hub id such as "bert-base-uncased" (needs network on first use).
+    lowercase: None follows the checkpoint: tokenizer.json's normaliser, else
+      tokenizer_config.json's do_lower_case, else BERT's default (True, the uncased
+      models). True/False overrides it (accents are stripped exactly when lower-casing,
+      as BertTokenizerFast does by default).
+  """
+  try:
+    # pylint: disable=g-import-not-at-top
+    from tokenizers import Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers
+  except ImportError as e:
+    raise ImportError("WordPiece needs the `tokenizers` library: pip install "
+                      "tokenizers (or pip install -e .[test]).") from e
+  directory, file = _wordpiece_files(path)
+  configured = _configured_lowercase(directory)
+  if file.suffix == ".json":
+    backend = Backend.from_file(str(file))
+    # The checkpoint's own padding/truncation (MiniLM's pads to 128) are for its
+    # pipeline; batches are padded and cut here.
+    backend.no_padding()
+    backend.no_truncation()
+    import json  # pylint: disable=g-import-not-at-top
+    normaliser = json.loads(backend.to_str()).get("normalizer") or {}
+    stored = normaliser.get("lowercase") if normaliser.get("type") == "BertNormalizer" else None
+    lower = lowercase if lowercase is not None else (
+        stored if stored is not None else configured if configured is not None else True)
+    if lowercase is not None and lowercase != stored:
+      backend.normalizer = normalizers.BertNormalizer(
+          clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lower)
+  else:
+    lower = lowercase if lowercase is not None else (
+        configured if configured is not None else True)
+    # As transformers' BertConverter builds BertTokenizerFast from vocab.txt.
+    backend = Backend(models.WordPiece.from_file(str(file), unk_token="[UNK]",
+                                                 max_input_chars_per_word=100))
+    backend.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lower)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+  ids = {t: backend.token_to_id(t) for t in _WORDPIECE_SPECIALS}
+  absent = [t for t, i in ids.items() if i is None]
+  if absent:
+    raise errors.MissingDataError(f"{file} lacks BERT's special tokens {absent}.")
+  vocab = backend.get_vocab()
+  name = "wordpiece-" + _digest("\n".join(sorted(vocab, key=vocab.get)).encode("utf-8"),
+                                b"lower" if lower else b"cased")[:10]
+  return WordPieceTokenizer(
+      backend, name, backend.get_vocab_size(), lower, pad_id=ids["[PAD]"],
+      unk_id=ids["[UNK]"], cls_id=ids["[CLS]"], sep_id=ids["[SEP]"], mask_id=ids["[MASK]"])

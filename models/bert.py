@@ -1,0 +1,594 @@
+"""BERT (Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional Transformers for
+Language Understanding").
+
+The encoder of Sec. 3: the input representation is the sum of token (WordPiece),
+learned position and segment (token-type) embeddings (Sec. 3.2, Fig. 2), followed by
+LayerNorm and dropout; then L Transformer encoder blocks (Vaswani et al. 2017, Sec. 3.1)
+with LayerNorm after each residual sum ("post-LN": LN(x + Sublayer(x))), bidirectional
+multi-head self-attention over the non-padding positions, and a position-wise MLP with
+the exact (erf) GELU of Hendrycks & Gimpel 2016. The pooler is the released code's
+tanh dense layer on the final hidden vector of [CLS] (the "C" of Fig. 1), and the
+sequence-classification head is dropout then a dense layer on the pooled vector
+(Sec. 4.1: "the only new parameters ... are classification layer weights W").
+
+Beyond the forward pass, what later experiments need (as models/gpt2.py):
+  * `head_mask` [n_layer, n_head] multiplies each head's attention probabilities
+    (Hugging Face's head_mask semantics): gates for head importance and pruning
+    (Michel et al. 2019).
+  * `output_hidden_states` / `output_attentions` return every layer's hidden states and
+    attention probabilities, for distillation and analysis.
+  * `dtype` is the computation dtype; parameters stay float32, softmax runs in float32.
+  * `from_hf` / `to_hf` read and write Hugging Face checkpoint directories (config.json
+    + model.safetensors, PyTorch or Flax key names, with or without the `bert.` prefix)
+    without torch; a hub id is fetched with huggingface_hub when online.
+
+Sizes: `config(preset)` with the compact models of Turc et al. 2019 ("Well-Read Students
+Learn Better": tiny 2x128, mini 4x256, small 4x512, medium 8x512), BERT-base (12x768)
+and all-MiniLM-L6-v2 (6x384, 12 heads; Wang et al. 2020).
+
+Parameter names follow Hugging Face's (embeddings/{word,position,token_type}_embeddings,
+encoder/layer_<i>/{attention/{self/{query,key,value}, output/{dense,LayerNorm}},
+intermediate/dense, output/{dense,LayerNorm}}, pooler/dense, classifier), so checkpoint
+conversion renames, and transposes PyTorch's Linear weights [out, in] to kernels [in, out].
+"""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+from typing import Any, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from ponder import errors
+
+# Hugging Face's activation names -> functions. "gelu" is the exact erf form BERT uses
+# (Hendrycks & Gimpel 2016, Eq. in Sec. 2: x * Phi(x)); the tanh forms are its approximation.
+ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Sizes and dropout rates, named as in Hugging Face's BertConfig."""
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  hidden_act: str = "gelu"
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  initializer_range: float = 0.02
+  pad_token_id: int = 0
+  num_labels: int = 2  # Classes of the sequence-classification head.
+  classifier_dropout: Optional[float] = None  # None = hidden_dropout_prob.
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_attention_heads:
+      raise errors.ConfigError(
+          f"hidden_size={self.hidden_size} is not divisible by "
+          f"num_attention_heads={self.num_attention_heads}.")
+    if self.hidden_act not in ACTIVATIONS:
+      raise errors.unknown_key("hidden_act", self.hidden_act, ACTIVATIONS)
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+
+def _sizes(layers: int, hidden: int, heads: int, mlp: Optional[int] = None) -> dict:
+  return dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+              intermediate_size=mlp or 4 * hidden)
+
+
+# Turc et al. 2019 (google-research/bert's 24 compact models; heads = hidden / 64),
+# Devlin et al. 2019 Sec. 3 (BERT-base), and all-MiniLM-L6-v2's config.json.
+PRESETS = {
+    "tiny": _sizes(2, 128, 2),
+    "mini": _sizes(4, 256, 4),
+    "small": _sizes(4, 512, 8),
+    "medium": _sizes(8, 512, 8),
+    "base": _sizes(12, 768, 12),
+    "minilm_l6": _sizes(6, 384, 12, 1536),
+}
+
+
+def config(preset: str = "base", **overrides) -> BertConfig:
+  """A preset's config with fields overridden, e.g. config("tiny", num_labels=3)."""
+  if preset not in PRESETS:
+    raise errors.unknown_key("BERT preset", preset, PRESETS)
+  return BertConfig(**{**PRESETS[preset], **overrides})
+
+
+@flax.struct.dataclass
+class BertOutput:
+  """What the encoder returns (Hugging Face's BaseModelOutputWithPooling fields).
+
+  last_hidden_state: [batch, seq, hidden]. pooler_output: [batch, hidden].
+  hidden_states: [n_layer + 1, batch, seq, hidden] (the embeddings, then every layer's
+    output; the last equals last_hidden_state) or None.
+  attentions: [n_layer, batch, n_head, seq, seq] or None.
+  """
+  last_hidden_state: jax.Array
+  pooler_output: jax.Array
+  hidden_states: Optional[jax.Array] = None
+  attentions: Optional[jax.Array] = None
+
+
+def _dense(cfg: BertConfig, features: int, name: str, dtype: Any) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype,
+                  kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
+
+
+def _layer_norm(cfg: BertConfig, dtype: Any) -> nn.LayerNorm:
+  return nn.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="LayerNorm")
+
+
+class Embeddings(nn.Module):
+  """Sec. 3.2 / Fig. 2: E = E_token + E_position + E_segment, then LayerNorm, dropout."""
+  config: BertConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids, *, train: bool):
+    cfg = self.config
+    init = nn.initializers.normal(cfg.initializer_range)
+    embed = lambda n, name: nn.Embed(n, cfg.hidden_size, dtype=self.dtype,
+                                     embedding_init=init, name=name)
+    positions = jnp.arange(input_ids.shape[1])
+    x = (embed(cfg.vocab_size, "word_embeddings")(input_ids)
+         + embed(cfg.max_position_embeddings, "position_embeddings")(positions)[None]
+         + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
+    x = _layer_norm(cfg, self.dtype)(x)
+    return nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)(x)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head scaled dot-product attention (Vaswani et al. 2017, Eq. 1 and Sec. 3.2.2):
+  softmax(Q K^T / sqrt(d_k) + M) V per head, M = -inf at padding keys.
+
+  Returns the heads' outputs concatenated [batch, seq, hidden] and the probabilities
+  (None unless asked for). `gate` [n_head] multiplies the probabilities after dropout,
+  as Hugging Face's head_mask does.
+  """
+  config: BertConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, key_mask, *, gate, train: bool, return_probs: bool):
+    cfg = self.config
+    b, t, _ = x.shape
+    heads = lambda name: _dense(cfg, cfg.hidden_size, name, self.dtype)(x).reshape(
+        b, t, cfg.num_attention_heads, cfg.head_dim)
+    q, k, v = heads("query"), heads("key"), heads("value")
+    mask = key_mask[:, None, None, :]  # [batch, 1 (heads), 1 (queries), keys]
+    dropout = train and cfg.attention_probs_dropout_prob > 0
+    if return_probs or dropout:
+      scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.head_dim)
+      scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(scores, axis=-1)
+      # "Dropping out entire tokens to attend to", as the released code does.
+      probs = nn.Dropout(cfg.attention_probs_dropout_prob, deterministic=not train)(probs)
+      if gate is not None:
+        probs = probs * gate[None, :, None, None].astype(probs.dtype)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    else:
+      probs = None
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+      if gate is not None:  # (g P) V = g (P V): the same gate on the head's output.
+        out = out * gate[None, None, :, None].astype(out.dtype)
+    return out.reshape(b, t, cfg.hidden_size), (probs if return_probs else None)
+
+
+class DenseResidualNorm(nn.Module):
+  """LN(x + Dropout(Dense(h))): the post-LN residual sum of Vaswani et al. Sec. 3.1 (and
+  Sec. 5.4's residual dropout). Named `output` in both sub-blocks, as in Hugging Face."""
+  config: BertConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, residual, *, train: bool):
+    cfg = self.config
+    h = _dense(cfg, cfg.hidden_size, "dense", self.dtype)(h)
+    h = nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)(h)
+    return _layer_norm(cfg, self.dtype)(h + residual)
+
+
+class Attention(nn.Module):
+  config: BertConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, key_mask, *, gate, train: bool, return_probs: bool):
+    h, probs = SelfAttention(self.config, self.dtype, name="self")(
+        x, key_mask, gate=gate, train=train, return_probs=return_probs)
+    return DenseResidualNorm(self.config, self.dtype, name="output")(h, x, train=train), probs
+
+
+class Intermediate(nn.Module):
+  """The FFN's first layer and GELU (Vaswani et al. Eq. 2 with GELU for ReLU)."""
+  config: BertConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    return ACTIVATIONS[cfg.hidden_act](
+        _dense(cfg, cfg.intermediate_size, "dense", self.dtype)(x))
+
+
+class Layer(nn.Module):
+  """One encoder block: x = LN(x + MHA(x)); x = LN(x + FFN(x))."""
+  config: BertConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, key_mask, *, gate, train: bool, return_probs: bool):
+    x, probs = Attention(self.config, self.dtype, name="attention")(
+        x, key_mask, gate=gate, train=train, return_probs=return_probs)
+    h = Intermediate(self.config, self.dtype, name="intermediate")(x)
+    return DenseResidualNorm(self.config, self.dtype, name="output")(h, x, train=train), probs
+
+
+class Encoder(nn.Module):
+  config: BertConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, key_mask, *, head_mask, train: bool, return_probs: bool):
+    hidden, attentions = [x], []
+    for i in range(self.config.num_hidden_layers):
+      x, probs = Layer(self.config, self.dtype, name=f"layer_{i}")(
+          x, key_mask, gate=None if head_mask is None else head_mask[i], train=train,
+          return_probs=return_probs)
+      hidden.append(x)
+      attentions.append(probs)
+    return x, hidden, attentions
+
+
+class Pooler(nn.Module):
+  """tanh(W h_[CLS] + b): the released code's pooler for sentence-level tasks."""
+  config: BertConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return jnp.tanh(_dense(self.config, self.config.hidden_size, "dense", self.dtype)(x[:, 0]))
+
+
+def _check_inputs(cfg: BertConfig, input_ids, head_mask) -> None:
+  if input_ids.ndim != 2:
+    raise errors.ShapeError(f"input_ids must be [batch, seq]; got {input_ids.shape}.")
+  if input_ids.shape[1] > cfg.max_position_embeddings:
+    raise errors.ShapeError(
+        f"sequence length {input_ids.shape[1]} exceeds the "
+        f"{cfg.max_position_embeddings} learned positions.")
+  expected = (cfg.num_hidden_layers, cfg.num_attention_heads)
+  if head_mask is not None and head_mask.shape != expected:
+    raise errors.ShapeError(
+        f"head_mask has shape {head_mask.shape}; expected (n_layer, n_head) = {expected}.")
+
+
+class Bert(nn.Module):
+  """The BERT encoder and pooler (Hugging Face's BertModel): token ids -> BertOutput."""
+  config: BertConfig
+  dtype: Any = jnp.float32  # Computation dtype; parameters stay float32.
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
+               train: bool = False, head_mask=None, output_hidden_states: bool = False,
+               output_attentions: bool = False) -> BertOutput:
+    """Encodes a padded batch.
+
+    Args:
+      input_ids: int [batch, seq], starting with [CLS].
+      attention_mask: [batch, seq], 1 at real tokens and 0 at padding (None: all 1).
+        Padding keys get no attention; padding positions still get hidden states
+        (computed from the real tokens), as in Hugging Face.
+      token_type_ids: int [batch, seq], the segment of each token (None: all 0).
+      train: enables dropout (needs rngs={"dropout": key}).
+      head_mask: [n_layer, n_head] multipliers of each head's attention probabilities
+        (1 keeps a head, 0 removes it; any real value, so gradients give head importance).
+      output_hidden_states: also return every layer's hidden states.
+      output_attentions: also return every layer's attention probabilities, after
+        dropout and head_mask (what Hugging Face returns).
+    """
+    cfg = self.config
+    _check_inputs(cfg, input_ids, head_mask)
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
+    x = Embeddings(cfg, self.dtype, name="embeddings")(input_ids, token_type_ids, train=train)
+    x, hidden, attentions = Encoder(cfg, self.dtype, name="encoder")(
+        x, attention_mask.astype(bool), head_mask=head_mask, train=train,
+        return_probs=output_attentions)
+    return BertOutput(
+        last_hidden_state=x, pooler_output=Pooler(cfg, self.dtype, name="pooler")(x),
+        hidden_states=jnp.stack(hidden) if output_hidden_states else None,
+        attentions=jnp.stack(attentions) if output_attentions else None)
+
+
+class BertForSequenceClassification(nn.Module):
+  """BERT with the Sec. 4.1 classification head: logits = W Dropout(pooled) + b."""
+  config: BertConfig
+  dtype: Any = jnp.float32  # Computation dtype; parameters stay float32.
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
+               train: bool = False, head_mask=None, output_hidden_states: bool = False,
+               output_attentions: bool = False):
+    """float32 logits [batch, num_labels], or (logits, aux) when extras are asked for.
+
+    Arguments as `Bert`. aux holds "pooled" [batch, hidden] and the requested
+    "hidden_states" / "attentions" (shapes as in `BertOutput`).
+    """
+    cfg = self.config
+    out = Bert(cfg, self.dtype, name="bert")(
+        input_ids, attention_mask, token_type_ids, train=train, head_mask=head_mask,
+        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+    rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+    pooled = nn.Dropout(rate, deterministic=not train)(out.pooler_output)
+    logits = _dense(cfg, cfg.num_labels, "classifier", self.dtype)(pooled).astype(jnp.float32)
+    if not (output_hidden_states or output_attentions):
+      return logits
+    aux = {"pooled": out.pooler_output}
+    if output_hidden_states:
+      aux["hidden_states"] = out.hidden_states
+    if output_attentions:
+      aux["attentions"] = out.attentions
+    return logits, aux
+
+
+def init_params(model: nn.Module, key: jax.Array, seq_len: int = 8):
+  """Fresh float32 parameters (normal(initializer_range) weights, zero biases)."""
+  ids = jnp.zeros((1, seq_len), jnp.int32)
+  return jax.jit(model.init)(key, ids)["params"]
+
+
+# --- Hugging Face checkpoints ------------------------------------------------------------
+
+_CONFIG_FILE = "config.json"
+_SAFETENSORS_FILE = "model.safetensors"
+_TORCH_FILE = "pytorch_model.bin"
+_HF_PREFIX = "bert."
+# Buffers PyTorch checkpoints store beside the weights.
+_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+# Heads this file does not implement: BertForPreTraining's masked-LM and next-sentence
+# heads (the hub's bert-base-uncased and prajjwal1/bert-tiny carry them).
+_IGNORED_PREFIXES = ("cls.",)
+# HF config values this implementation reproduces; any other value is refused.
+_HF_REQUIRED = {"position_embedding_type": ("absolute",), "is_decoder": (False,),
+                "add_cross_attention": (False,)}
+# Flax Dense/Embed/LayerNorm leaves -> PyTorch names (Linear and LayerNorm weights are
+# "weight"; checkpoints converted from the original TensorFlow code say gamma/beta).
+_PT_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+_OLD_LAYER_NORM = {".gamma": ".weight", ".beta": ".bias"}
+# Files a hub snapshot needs (the model and its tokenizer).
+_HUB_FILES = [_CONFIG_FILE, "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+              "special_tokens_map.json"]
+
+
+def _hf_name(path: tuple[str, ...], flax_names: bool) -> str:
+  """("encoder", "layer_0", "attention", "self", "query", "kernel") ->
+  "encoder.layer.0.attention.self.query.weight" (".kernel" with Flax names)."""
+  *modules, leaf = path
+  modules = [re.sub(r"^layer_(\d+)$", r"layer.\1", m) for m in modules]
+  return ".".join(modules + [leaf if flax_names else _PT_LEAF[leaf]])
+
+
+def _config_from_hf(hf: dict) -> BertConfig:
+  if hf.get("model_type", "bert") != "bert":
+    raise errors.CheckpointError(f"model_type {hf['model_type']!r} is not 'bert'.")
+  for key, allowed in _HF_REQUIRED.items():
+    if key in hf and hf[key] not in allowed:
+      raise errors.CheckpointError(
+          f"config.json has {key}={hf[key]!r}; models/bert.py implements {allowed}.")
+  if hf.get("hidden_act", "gelu") not in ACTIVATIONS:
+    raise errors.CheckpointError(
+        f"config.json has hidden_act={hf['hidden_act']!r}; models/bert.py implements "
+        f"{sorted(ACTIVATIONS)}.")
+  names = {f.name for f in dataclasses.fields(BertConfig)}
+  fields = {k: v for k, v in hf.items() if k in names}
+  if "id2label" in hf and "num_labels" not in hf:  # How transformers stores num_labels.
+    fields["num_labels"] = len(hf["id2label"])
+  return BertConfig(**fields)
+
+
+def _looks_like_hub_id(path: str) -> bool:
+  return (not path.startswith((".", "/", "~")) and path.count("/") <= 1
+          and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is not None)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
+  """A local checkpoint directory, or a hub id (`bert-base-uncased`,
+  `prajjwal1/bert-tiny`) downloaded with huggingface_hub into its cache."""
+  directory = pathlib.Path(path).expanduser()
+  if directory.is_dir() or not _looks_like_hub_id(str(path)):
+    if not (directory / _CONFIG_FILE).is_file():
+      raise errors.MissingDataError(
+          f"no {_CONFIG_FILE} in {directory}: give a Hugging Face BERT checkpoint directory "
+          f"(config.json + {_SAFETENSORS_FILE} or {_TORCH_FILE}) or a hub id such as "
+          "'bert-base-uncased'.")
+    return directory
+  try:
+    from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
+    local = pathlib.Path(snapshot_download(str(path), allow_patterns=_HUB_FILES + [
+        _SAFETENSORS_FILE]))
+    if not (local / _SAFETENSORS_FILE).is_file():  # Older repos have only the pickle.
+      local = pathlib.Path(snapshot_download(str(path), allow_patterns=_HUB_FILES + [
+          _TORCH_FILE]))
+  except Exception as e:  # ImportError, offline, unknown repo: one answer for all.
+    raise errors.MissingDataError(
+        f"{str(path)!r} is not a local directory and could not be fetched from the "
+        f"Hugging Face hub ({type(e).__name__}: {e}). Offline, download it once where "
+        "the hub is reachable (huggingface-cli download ID --local-dir DIR) and pass DIR; "
+        "huggingface_hub must be installed (pip install huggingface_hub).") from e
+  if not (local / _CONFIG_FILE).is_file():
+    raise errors.MissingDataError(f"hub repo {str(path)!r} has no {_CONFIG_FILE}.")
+  return local
+
+
+def _read_state_dict(directory: pathlib.Path) -> tuple[dict[str, np.ndarray], bool]:
+  """The tensors and whether they carry Flax names (FlaxBertModel.save_pretrained)."""
+  if (directory / _SAFETENSORS_FILE).is_file():
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    with safe_open(directory / _SAFETENSORS_FILE, "np") as f:
+      fmt = (f.metadata() or {}).get("format")
+      state = {k: f.get_tensor(k) for k in f.keys()}
+    flax_names = fmt == "flax" if fmt else any(
+        k.endswith((".kernel", ".embedding", ".scale")) for k in state)
+    return state, flax_names
+  if (directory / _TORCH_FILE).is_file():
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise errors.CheckpointError(
+          f"{directory / _TORCH_FILE} is a torch pickle and torch is not installed. "
+          "Install torch, or convert the checkpoint once where torch is available "
+          "(transformers: BertModel.from_pretrained(dir).save_pretrained(dir, "
+          "safe_serialization=True)) to get model.safetensors.") from e
+    state = torch.load(directory / _TORCH_FILE, map_location="cpu", weights_only=True)
+    return {k: (v.float() if v.is_floating_point() else v).numpy()
+            for k, v in state.items()}, False
+  raise errors.MissingDataError(
+      f"no {_SAFETENSORS_FILE} or {_TORCH_FILE} in {directory}.")
+
+
+def _normalise_key(key: str) -> str:
+  key = key.removeprefix(_HF_PREFIX)
+  for old, new in _OLD_LAYER_NORM.items():
+    if key.endswith(old) and "LayerNorm" in key:
+      key = key.removesuffix(old) + new
+  return key
+
+
+def from_hf(path: str | os.PathLike, *, classifier: bool = False,
+            num_labels: Optional[int] = None, key: Optional[jax.Array] = None,
+            dtype: Any = jnp.float32) -> tuple[nn.Module, Any]:
+  """Loads a Hugging Face BERT checkpoint: returns (model, float32 params).
+
+  Args:
+    path: a directory with config.json and model.safetensors (PyTorch names, or the Flax
+      names FlaxBertModel.save_pretrained writes) or pytorch_model.bin (needs torch); or
+      a hub id such as "bert-base-uncased" (needs huggingface_hub and the network on
+      first use). Keys may carry the "bert." prefix (BertFor* checkpoints) or not
+      (BertModel, sentence-transformers); position-id buffers and the pre-training
+      heads ("cls.*") are skipped.
+    classifier: False returns a `Bert` (encoder + pooler; a stored classifier is
+      skipped). True returns a `BertForSequenceClassification`: its head is read from
+      the checkpoint when the checkpoint has one, else initialised from `key`
+      (normal(initializer_range) kernel, zero bias), as for fine-tuning a pre-trained
+      encoder.
+    num_labels: the head's classes (default: the checkpoint's, else config.json's).
+    key: PRNG key for a new head (default jax.random.key(0)).
+    dtype: the model's computation dtype.
+
+  Raises:
+    MissingDataError: no checkpoint at `path`. CheckpointError: a config this file does
+      not implement, or weights that do not fit it (missing, unexpected and misshapen
+      keys are named).
+  """
+  directory = resolve_checkpoint(path)
+  hf_config = json.loads((directory / _CONFIG_FILE).read_text())
+  raw, flax_names = _read_state_dict(directory)
+  state = {_normalise_key(k): v for k, v in raw.items()
+           if _normalise_key(k) not in _BUFFERS}
+  state = {k: v for k, v in state.items() if not k.startswith(_IGNORED_PREFIXES)}
+  head = {k: state.pop(k) for k in [k for k in state if k.startswith("classifier.")]}
+  kernel_name = "classifier." + ("kernel" if flax_names else "weight")
+  if classifier and head and kernel_name in head:
+    stored = head[kernel_name].shape[-1 if flax_names else 0]
+    if num_labels is not None and num_labels != stored:
+      raise errors.CheckpointError(
+          f"{directory}: the stored classifier has {stored} labels, num_labels={num_labels} "
+          "was asked for; pass num_labels=None, or load with classifier=False and add a head.")
+    hf_config["num_labels"] = stored
+  elif num_labels is not None:
+    hf_config["num_labels"] = num_labels
+  cfg = _config_from_hf(hf_config)
+  encoder = Bert(cfg, dtype)
+  expected = traverse_util.flatten_dict(jax.eval_shape(
+      lambda: encoder.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"])
+  by_name = {_hf_name(p, flax_names): p for p in expected}
+  missing = sorted(by_name.keys() - state.keys())
+  unexpected = sorted(state.keys() - by_name.keys())
+  if missing or unexpected:
+    raise errors.CheckpointError(
+        f"{directory}: checkpoint does not fit BERT {cfg}.\n  missing keys: {missing}\n"
+        f"  unexpected keys: {unexpected}")
+  flat = {}
+  for name, p in by_name.items():
+    value = state[name]
+    if p[-1] == "kernel" and not flax_names:
+      value = value.T  # PyTorch Linear weight [out, in] -> kernel [in, out].
+    if value.shape != expected[p].shape:
+      raise errors.CheckpointError(
+          f"{name}: shape {state[name].shape} in the checkpoint does not fit "
+          f"{expected[p].shape} expected from config.json.")
+    flat[p] = jnp.asarray(value, jnp.float32)
+  params = traverse_util.unflatten_dict(flat)
+  if not classifier:
+    return encoder, params
+  model = BertForSequenceClassification(cfg, dtype)
+  if head:
+    names = {"classifier." + ("kernel" if flax_names else "weight"), "classifier.bias"}
+    if head.keys() != names:
+      raise errors.CheckpointError(
+          f"{directory}: classifier keys {sorted(head)}; expected {sorted(names)}.")
+    kernel = head[kernel_name] if flax_names else head[kernel_name].T
+    new_head = {"kernel": jnp.asarray(kernel, jnp.float32),
+                "bias": jnp.asarray(head["classifier.bias"], jnp.float32)}
+  else:
+    key = jax.random.key(0) if key is None else key
+    new_head = {"kernel": cfg.initializer_range * jax.random.normal(
+        key, (cfg.hidden_size, cfg.num_labels), jnp.float32),
+                "bias": jnp.zeros((cfg.num_labels,), jnp.float32)}
+  return model, {"bert": params, "classifier": new_head}
+
+
+def to_hf(model: nn.Module, params, path: str | os.PathLike) -> None:
+  """Writes `params` as a Hugging Face checkpoint directory (config.json +
+  model.safetensors with PyTorch key names): a BertModel for `Bert`, a
+  BertForSequenceClassification ("bert." prefix + classifier) for the classifier.
+  Readable by `from_hf` and by transformers."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  directory = pathlib.Path(path)
+  directory.mkdir(parents=True, exist_ok=True)
+  cfg = model.config
+  is_classifier = isinstance(model, BertForSequenceClassification)
+  hf_config = {"architectures": ["BertForSequenceClassification" if is_classifier
+                                 else "BertModel"], "model_type": "bert",
+               **dataclasses.asdict(cfg),
+               **{k: allowed[0] for k, allowed in _HF_REQUIRED.items()}}
+  if is_classifier:  # transformers derives num_labels from id2label.
+    hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+    hf_config["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+  if hf_config["classifier_dropout"] is None:
+    del hf_config["classifier_dropout"]
+  (directory / _CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+  prefix, encoder = (_HF_PREFIX, params["bert"]) if is_classifier else ("", params)
+  tensors = {}
+  for p, v in traverse_util.flatten_dict(encoder).items():
+    v = np.asarray(v)
+    tensors[prefix + _hf_name(p, False)] = np.ascontiguousarray(
+        v.T if p[-1] == "kernel" else v)
+  if is_classifier:
+    tensors["classifier.weight"] = np.ascontiguousarray(np.asarray(params["classifier"]["kernel"]).T)
+    tensors["classifier.bias"] = np.asarray(params["classifier"]["bias"])
+  save_file(tensors, directory / _SAFETENSORS_FILE, metadata={"format": "pt"})
