@@ -16,6 +16,10 @@ Beyond the forward pass, what later experiments need:
     (greedy, temperature, top-k, top-p) as one jitted `lax.fori_loop`.
   * `from_hf` / `to_hf` read and write Hugging Face checkpoint directories (config.json
     + model.safetensors, PyTorch key names) without torch.
+  * Structural head pruning (Michel et al. 2019, Sec. 4): `heads_per_layer` gives each
+    layer its own number of heads (c_attn and c_proj shrink with it), `prune_heads`
+    removes the heads a 0/1 mask turns off from the parameters, and `head_layout` tells
+    `ponder.plasticity` where each head's q/k/v/output slices lie.
 
 Parameter names follow Hugging Face's (wte, wpe, h_<i>/{ln_1, attn/{c_attn, c_proj},
 ln_2, mlp/{c_fc, c_proj}}, ln_f), and Flax's Dense kernel is [in, out] like GPT-2's
@@ -36,10 +40,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import traverse_util
 from jax import lax
 
 from ponder import errors
+from ponder import plasticity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +61,26 @@ class GPT2Config:
   embd_pdrop: float = 0.1
   attn_pdrop: float = 0.1
   resid_pdrop: float = 0.1
+  # Heads kept in each layer after structural pruning (0..n_head each); None = n_head in
+  # every layer. head_dim stays n_embd // n_head, so a layer with h heads has c_attn
+  # [n_embd, 3 h head_dim] and c_proj [h head_dim, n_embd].
+  heads_per_layer: Optional[tuple] = None
 
   def __post_init__(self):
     if self.n_embd % self.n_head:
       raise errors.ConfigError(
           f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}.")
+    if self.heads_per_layer is not None:
+      heads = tuple(int(h) for h in self.heads_per_layer)  # config.json gives a list.
+      if len(heads) != self.n_layer or not all(0 <= h <= self.n_head for h in heads):
+        raise errors.ConfigError(
+            f"heads_per_layer={self.heads_per_layer} must give n_layer={self.n_layer} "
+            f"counts, each between 0 and n_head={self.n_head}.")
+      object.__setattr__(self, "heads_per_layer", heads)
+
+  def heads(self, layer: int) -> int:
+    """The number of heads layer `layer` has."""
+    return self.n_head if self.heads_per_layer is None else self.heads_per_layer[layer]
 
   @property
   def head_dim(self) -> int:
@@ -93,8 +114,8 @@ def config(preset: str = "small", **overrides) -> GPT2Config:
 class KVCache:
   """Keys and values of the positions decoded so far, per layer.
 
-  keys[i], values[i]: [batch, max_len, n_head, head_dim]; `length` (int32 scalar) is the
-  number of positions written, i.e. the position of the next token.
+  keys[i], values[i]: [batch, max_len, heads of layer i, head_dim]; `length` (int32
+  scalar) is the number of positions written, i.e. the position of the next token.
   """
   keys: tuple[jax.Array, ...]
   values: tuple[jax.Array, ...]
@@ -107,8 +128,8 @@ def init_cache(cfg: GPT2Config, batch_size: int, max_len: int,
   if max_len > cfg.n_positions:
     raise errors.ShapeError(
         f"max_len {max_len} exceeds the {cfg.n_positions} learned positions.")
-  zeros = tuple(jnp.zeros((batch_size, max_len, cfg.n_head, cfg.head_dim), dtype)
-                for _ in range(cfg.n_layer))
+  zeros = tuple(jnp.zeros((batch_size, max_len, cfg.heads(i), cfg.head_dim), dtype)
+                for i in range(cfg.n_layer))
   return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
 
 
@@ -125,14 +146,17 @@ class Attention(nn.Module):
   """Causal multi-head self-attention, optionally reading and writing a KV cache."""
   config: GPT2Config
   dtype: Any = jnp.float32
+  n_heads: Optional[int] = None  # Heads of this layer; None = config.n_head.
 
   @nn.compact
   def __call__(self, x, *, positions, gate, kv_cache, train: bool, return_probs: bool):
     cfg = self.config
     b, t, _ = x.shape
-    qkv = _dense(3 * cfg.n_embd, "c_attn", self.dtype)(x)
+    h = cfg.n_head if self.n_heads is None else self.n_heads
+    # c_attn's columns are [q | k | v], each head-major: [3, h, head_dim].
+    qkv = _dense(3 * h * cfg.head_dim, "c_attn", self.dtype)(x)
     q, k, v = (y[:, :, 0] for y in jnp.split(
-        qkv.reshape(b, t, 3, cfg.n_head, cfg.head_dim), 3, axis=2))
+        qkv.reshape(b, t, 3, h, cfg.head_dim), 3, axis=2))
     if kv_cache is None:
       key_positions = positions
       new_cache = None
@@ -146,8 +170,11 @@ class Attention(nn.Module):
       key_positions = jnp.arange(k.shape[1])
       new_cache = (k, v)
     causal = key_positions[None, :] <= positions[:, None]  # [q, k]
+    if h == 0:  # Every head pruned: the sub-block adds only c_proj's bias.
+      probs = jnp.zeros((b, 0, t, k.shape[1]), jnp.float32) if return_probs else None
+      out = jnp.zeros((b, t, 0, cfg.head_dim), self.dtype)
     # Attention dropout needs the probabilities, so it takes the explicit path too.
-    if return_probs or (train and cfg.attn_pdrop > 0):
+    elif return_probs or (train and cfg.attn_pdrop > 0):
       scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.head_dim)
       scores = jnp.where(causal, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(scores, axis=-1)
@@ -159,7 +186,7 @@ class Attention(nn.Module):
     if gate is not None:
       out = out * gate[None, None, :, None].astype(out.dtype)
     out = _dense(cfg.n_embd, "c_proj", self.dtype, residual_std(cfg))(
-        out.reshape(b, t, cfg.n_embd))
+        out.reshape(b, t, h * cfg.head_dim))
     out = nn.Dropout(cfg.resid_pdrop, deterministic=not train)(out)
     return out, probs, new_cache
 
@@ -182,11 +209,12 @@ class Block(nn.Module):
   """Pre-LN block (Sec. 2.3): x + Attn(LN(x)), then x + MLP(LN(x))."""
   config: GPT2Config
   dtype: Any = jnp.float32
+  n_heads: Optional[int] = None  # Heads of the attention; None = config.n_head.
 
   @nn.compact
   def __call__(self, x, *, positions, gate, kv_cache, train: bool, return_probs: bool):
     eps = self.config.layer_norm_epsilon
-    y, probs, new_cache = Attention(self.config, self.dtype, name="attn")(
+    y, probs, new_cache = Attention(self.config, self.dtype, self.n_heads, name="attn")(
         nn.LayerNorm(eps, dtype=self.dtype, name="ln_1")(x), positions=positions,
         gate=gate, kv_cache=kv_cache, train=train, return_probs=return_probs)
     x = x + y
@@ -211,14 +239,17 @@ class GPT2(nn.Module):
         cache.length ... cache.length + seq - 1.
       train: enables dropout (needs rngs={"dropout": key}).
       head_mask: [n_layer, n_head] multipliers of each head's output (1 keeps a head,
-        0 removes it; any real value, so gradients give head importance).
+        0 removes it; any real value, so gradients give head importance). With
+        `heads_per_layer`, row i's first heads_per_layer[i] entries gate the layer's
+        heads (in their order) and the rest are ignored.
       cache: a `KVCache` from `init_cache` or a previous call, with room for `seq`
         more positions.
       output_hidden_states: aux["hidden_states"] [n_layer + 1, batch, seq, n_embd]: the
         input of every block (the first is the embeddings), then the final output after
         ln_f (the order Hugging Face returns them in).
       output_attentions: aux["attentions"] [n_layer, batch, n_head, seq, keys]: softmax
-        probabilities, before head_mask and dropout.
+        probabilities, before head_mask and dropout (the heads a layer lacks under
+        `heads_per_layer` are all-zero rows).
 
     Returns:
       float32 logits [batch, seq, vocab_size]; with extras also aux (a dict with the
@@ -245,10 +276,14 @@ class GPT2(nn.Module):
     hidden, attentions, keys, values = [], [], [], []
     for i in range(cfg.n_layer):
       hidden.append(x)
-      x, probs, layer_cache = Block(cfg, self.dtype, name=f"h_{i}")(
-          x, positions=positions, gate=None if head_mask is None else head_mask[i],
+      h = cfg.heads(i)
+      x, probs, layer_cache = Block(cfg, self.dtype, None if h == cfg.n_head else h,
+                                    name=f"h_{i}")(
+          x, positions=positions, gate=None if head_mask is None else head_mask[i, :h],
           kv_cache=None if cache is None else (cache.keys[i], cache.values[i]),
           train=train, return_probs=output_attentions)
+      if output_attentions and h < cfg.n_head:
+        probs = jnp.pad(probs, ((0, 0), (0, cfg.n_head - h), (0, 0), (0, 0)))
       attentions.append(probs)
       if cache is not None:
         keys.append(layer_cache[0])
@@ -450,10 +485,63 @@ def to_hf(model: GPT2, params, path: str | os.PathLike) -> None:
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   directory = pathlib.Path(path)
   directory.mkdir(parents=True, exist_ok=True)
-  hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-               **dataclasses.asdict(model.config),
+  # A pruned model's heads_per_layer is written for from_hf; transformers ignores the
+  # key, so it cannot read such a checkpoint. Unpruned configs leave it out.
+  fields = {k: v for k, v in dataclasses.asdict(model.config).items()
+            if not (k == "heads_per_layer" and v is None)}
+  hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **fields,
                **{k: allowed[0] for k, allowed in _HF_REQUIRED.items()}}
   (directory / _CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
   tensors = {_HF_PREFIX + _hf_name(p): np.ascontiguousarray(np.asarray(v))
              for p, v in traverse_util.flatten_dict(params).items()}
   save_file(tensors, directory / _SAFETENSORS_FILE, metadata={"format": "pt"})
+
+
+# --- Head pruning (Michel et al. 2019) ---------------------------------------------------
+
+
+def head_layout(cfg: GPT2Config) -> plasticity.HeadLayout:
+  """Where each layer's heads lie in the parameters: c_attn's columns [q | k | v] (each
+  [heads, head_dim]) and c_proj's rows [heads, head_dim]. c_proj's bias is shared by
+  the heads and stays."""
+  def layer(i):
+    attn = (f"h_{i}", "attn")
+    return (plasticity.HeadSlice(attn + ("c_attn", "kernel"), axis=1, groups=3),
+            plasticity.HeadSlice(attn + ("c_attn", "bias"), axis=0, groups=3),
+            plasticity.HeadSlice(attn + ("c_proj", "kernel"), axis=0))
+  return plasticity.HeadLayout(
+      n_head=cfg.n_head, head_dim=cfg.head_dim,
+      heads=tuple(cfg.heads(i) for i in range(cfg.n_layer)),
+      slices=tuple(layer(i) for i in range(cfg.n_layer)))
+
+
+def prune_heads(model: GPT2, params, mask) -> tuple[GPT2, Any]:
+  """Removes the heads that the 0/1 `mask` [n_layer, n_head] turns off.
+
+  Returns (model, params) with `heads_per_layer` set and c_attn / c_proj shrunk, whose
+  outputs equal `model.apply(params, ..., head_mask=mask)`: a gated head contributes
+  nothing, and c_proj's bias, which it does not own, is kept. A model pruned before
+  takes a mask over its remaining heads (row i's first heads_per_layer[i] entries).
+  """
+  layout = head_layout(model.config)
+  pruned = plasticity.prune_params(params, mask, layout)
+  heads = plasticity.heads_after(mask, layout)
+  return GPT2(dataclasses.replace(model.config, heads_per_layer=heads), model.dtype), pruned
+
+
+def head_analysis_apply(model: GPT2):
+  """`apply(params, batch, head_mask) -> (loss, attentions)` for
+  `ponder.analysis.heads`: the mean next-token NLL of batch["tokens"] [batch, seq + 1]
+  (weighted by batch["mask"] [batch, seq] when the batch has one, as evaluation batches
+  do) and every layer's attention probabilities, in eval mode (no dropout)."""
+  def apply(params, batch, head_mask):
+    tokens = batch["tokens"]
+    logits, aux = model.apply({"params": params}, tokens[:, :-1], head_mask=head_mask,
+                              output_attentions=True)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    weights = batch.get("mask")
+    if weights is None:
+      return nll.mean(), aux["attentions"]
+    weights = weights.astype(jnp.float32)
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0), aux["attentions"]
+  return apply

@@ -12,6 +12,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from models import gpt2
+from ponder import analysis as ponder_analysis
 from ponder import errors, lm
 
 # Small enough for 2 CPU cores; vocab not a multiple of anything, heads > 1.
@@ -302,3 +303,77 @@ def test_uniform_model_has_perplexity_of_the_vocabulary():
                          seq_len=16, batch_size=3)
   assert result["tokens"] == 99
   np.testing.assert_allclose(result["perplexity"], 50.0, rtol=1e-5)
+
+
+# --- Structural head pruning -------------------------------------------------------------
+
+PRUNE_MASKS = {
+    "uneven": [[1, 0, 1, 1], [0, 1, 0, 0]],
+    "empty_layer": [[0, 0, 0, 0], [1, 1, 0, 1]],
+}
+
+
+@pytest.mark.parametrize("name", PRUNE_MASKS)
+def test_structural_pruning_equals_masking_and_cuts_flops(tiny, name):
+  model, params = tiny
+  mask = jnp.asarray(PRUNE_MASKS[name], jnp.float32)
+  small, small_params = gpt2.prune_heads(model, params, mask)
+  heads = tuple(int(x) for x in mask.sum(1))
+  assert small.config.heads_per_layer == heads
+  ids = _ids(2, 16)
+  masked, aux = _apply(model, params, ids, head_mask=mask, output_attentions=True)
+  pruned, small_aux = _apply(small, small_params, ids, output_attentions=True)
+  chex.assert_trees_all_close(pruned, masked, atol=1e-5, rtol=0)
+  for i, row in enumerate(np.asarray(mask)):  # Kept heads in order, absent heads zero.
+    kept = np.flatnonzero(row)
+    chex.assert_trees_all_close(small_aux["attentions"][i, :, :len(kept)],
+                                aux["attentions"][i][:, kept], atol=1e-6)
+    assert float(jnp.abs(small_aux["attentions"][i, :, len(kept):]).max(initial=0.0)) == 0.0
+  hd, d = model.config.head_dim, model.config.n_embd
+  removed = int(mask.size - mask.sum())
+  count = lambda p: sum(x.size for x in jax.tree.leaves(p))
+  assert count(params) - count(small_params) == removed * (3 * (d * hd + hd) + hd * d)
+  flops = lambda m, p: ponder_analysis.compiled_flops(
+      lambda p, x: m.apply({"params": p}, x), p, jax.ShapeDtypeStruct((2, 16), jnp.int32))
+  assert flops(small, small_params) < flops(model, params)
+
+
+def test_pruning_a_pruned_model_and_decoding_with_its_cache(tiny):
+  model, params = tiny
+  first = jnp.asarray([[1, 1, 0, 1], [1, 0, 1, 1]], jnp.float32)
+  small, small_params = gpt2.prune_heads(model, params, first)
+  # Remove one more head per layer: the 2nd remaining of layer 0 (original head 1) and
+  # the 1st of layer 1 (original head 0); trailing entries of a row are ignored.
+  second = jnp.asarray([[1, 0, 1, 0], [0, 1, 1, 1]], jnp.float32)
+  smaller, smaller_params = gpt2.prune_heads(small, small_params, second)
+  assert smaller.config.heads_per_layer == (2, 2)
+  combined = jnp.asarray([[1, 0, 0, 1], [0, 0, 1, 1]], jnp.float32)
+  ids = _ids(2, 16)
+  reference = _apply(model, params, ids, head_mask=combined)
+  chex.assert_trees_all_close(_apply(smaller, smaller_params, ids), reference, atol=1e-5)
+  cache = gpt2.init_cache(smaller.config, 2, 16)
+  assert [k.shape[2] for k in cache.keys] == [2, 2]
+  first_half, aux = _apply(smaller, smaller_params, ids[:, :8], cache=cache)
+  second_half, _ = _apply(smaller, smaller_params, ids[:, 8:], cache=aux["cache"])
+  chex.assert_trees_all_close(jnp.concatenate([first_half, second_half], axis=1), reference,
+                              atol=1e-5)
+
+
+def test_pruned_checkpoint_round_trip_and_default_tree(tiny, tmp_path):
+  model, params = tiny
+  small, small_params = gpt2.prune_heads(
+      model, params, jnp.asarray([[0, 1, 1, 1], [0, 0, 0, 0]], jnp.float32))
+  gpt2.to_hf(small, small_params, tmp_path)
+  model_back, params_back = gpt2.from_hf(tmp_path)
+  assert model_back.config == small.config and model_back.config.heads_per_layer == (3, 0)
+  ids = _ids(2, 16)
+  chex.assert_trees_all_close(_apply(model_back, params_back, ids),
+                              _apply(small, small_params, ids), atol=1e-6)
+  # Full heads everywhere is the default model's parameter tree.
+  full = gpt2.GPT2(gpt2.GPT2Config(**TINY, heads_per_layer=(4, 4)))
+  shapes = jax.eval_shape(lambda: full.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+  assert jax.tree.map(jnp.shape, shapes["params"]) == jax.tree.map(jnp.shape, params)
+  with pytest.raises(errors.ConfigError, match="heads_per_layer"):
+    gpt2.GPT2Config(**TINY, heads_per_layer=(4, 5))
+  with pytest.raises(errors.PonderError, match="0/1"):
+    gpt2.prune_heads(model, params, jnp.full((2, 4), 0.5))
