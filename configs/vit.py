@@ -37,7 +37,10 @@ PRESETS = {
 # What the presets reach: mean and range over seeds 0-2 on the 2-core workspace CPU
 # (WORKSPACE.md has the commands). Floating point differs between machines, so a run
 # elsewhere lands near, not exactly on, these numbers.
-REFERENCE = {}
+REFERENCE = {
+    "digits": "test accuracy 0.924, range 0.919-0.928 over seeds 0-2 (validation-selected; "
+              "2-core CPU, 2026-12-01)",
+}
 
 
 def get_config(arg=None):

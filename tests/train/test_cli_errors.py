@@ -36,13 +36,18 @@ CASES = {
 }
 
 
+def run_case(name, workdir):
+  args, _, _, devices = CASES[name]
+  return subprocess.run([sys.executable, "-m", "train.main", f"--workdir={workdir}", *args,
+                         "--noreuse_memory"], cwd=ROOT, env=subprocess_env(devices),
+                        capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_gives_one_clear_line(name, tmp_path):
-  args, code, texts, devices = CASES[name]
+  _, code, texts, _ = CASES[name]
   workdir = tmp_path / "run"
-  out = subprocess.run([sys.executable, "-m", "train.main", f"--workdir={workdir}", *args,
-                        "--noreuse_memory"], cwd=ROOT, env=subprocess_env(devices),
-                       capture_output=True, text=True, timeout=300)
+  out = run_case(name, workdir)
   assert out.returncode == code, out.stderr
   errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1, out.stderr
@@ -56,3 +61,18 @@ def test_config_args_reads_every_form_absl_accepts():
   argv = ["main", "--config", "c.py:x", "--config.a=1", "-config.b.c", "2", "--workdir=w"]
   assert cli.config_args(argv) == ("c.py:x", ["a", "b.c"])
   assert cli.config_args(["main", "-config=c.py"]) == ("c.py", [])
+
+
+if __name__ == "__main__":
+  # The error table of WORKSPACE.md: python -m tests.train.test_cli_errors
+  import tempfile
+  print("| bad input | command (after `python -m train.main --workdir=W`) | exit | first line |")
+  print("|---|---|---|---|")
+  for case in CASES:
+    with tempfile.TemporaryDirectory() as tmp:
+      result = run_case(case, f"{tmp}/run")
+    lines = result.stderr.strip().splitlines() or [""]
+    first = next((l for l in lines if l.startswith("error: ")), lines[0]).replace("|", "\\|")
+    flags = " ".join(CASES[case][0]).replace("|", "\\|")
+    devices = f" (`{CASES[case][3]}` devices)" if CASES[case][3] > 1 else ""
+    print(f"| {case}{devices} | `{flags}` | {result.returncode} | {first} |")
