@@ -6,6 +6,7 @@ import pytest
 
 from ponder import errors, mesh
 from ponder.data import text, tokenizers
+from tests.conftest import is_sample
 
 WIKI = {"train": " = Title = \n \n The <unk> sat .\n", "valid": " = Other = \n A <unk> .\n"}
 
@@ -41,7 +42,7 @@ def test_single_file_splits_90_10(tmp_path, char_tok):
   assert char_tok.decode(np.concatenate([train, valid])) == "xyz" * 100
   with pytest.raises(errors.ConfigError, match="single file"):
     text.split_tokens(str(path), "test", char_tok, cache_dir=tmp_path / "c")
-  with pytest.raises(errors.MissingDataError, match="neither"):
+  with pytest.raises(errors.MissingDataError, match="nope does not exist.*local:FILE"):
     text.split_tokens(str(tmp_path / "nope"), "train", char_tok, cache_dir=tmp_path / "c")
 
 
@@ -52,21 +53,25 @@ def test_tfds_source_without_prepared_data_says_what_to_do(tmp_path, char_tok):
                       data_dir=str(tmp_path), download=False)
 
 
-def test_tiny_shakespeare_char_level(shared_data, tmp_path):
-  path = shared_data / "tinyshakespeare" / "input.txt"
-  tok = tokenizers.char_level(path.read_text(encoding="utf-8"))
+def test_tiny_shakespeare_char_level(real_data, tmp_path):
+  path = real_data / "tinyshakespeare" / "input.txt"
+  content = path.read_text(encoding="utf-8")
+  tok = tokenizers.char_level(content)
   train = text.split_tokens(f"local:{path}", "train", tok, cache_dir=tmp_path)
   valid = text.split_tokens(f"local:{path}", "valid", tok, cache_dir=tmp_path)
-  # The numbers nanoGPT's shakespeare_char/prepare.py prints.
-  assert (tok.vocab_size, len(train), len(valid)) == (65, 1_003_854, 111_540)
+  # The full corpus: the numbers nanoGPT's shakespeare_char/prepare.py prints. The
+  # packaged sample (its first 993 lines, 26,061 characters): 90% / 10% of those.
+  expected = (58, 23_454, 2_607) if is_sample(real_data) else (65, 1_003_854, 111_540)
+  assert (tok.vocab_size, len(train), len(valid)) == expected
+  assert tok.decode(np.concatenate([train, valid])) == content
 
 
-def test_wikitext_valsplit_bpe(shared_data, tmp_path):
+def test_wikitext_valsplit_bpe(real_data, tmp_path):
   pytest.importorskip("tokenizers")
   bpe = tokenizers.gpt2_bpe()
-  source = f"local:{shared_data / 'wikitext-2-valsplit'}"
+  source = f"local:{real_data / 'wikitext-2-valsplit'}"
   valid = text.split_tokens(source, "valid", bpe, cache_dir=tmp_path)
-  path = shared_data / "wikitext-2-valsplit" / "valid.txt"
+  path = real_data / "wikitext-2-valsplit" / "valid.txt"
   assert bpe.decode(valid) == path.read_text(encoding="utf-8")
   with pytest.raises(errors.MissingDataError, match="Salesforce/wikitext"):
     text.split_tokens(source, "test", bpe, cache_dir=tmp_path)

@@ -84,8 +84,8 @@ def test_encode_corpus_caches_by_content_and_tokenizer(tmp_path, monkeypatch):
     tokenizers.encode_corpus(tmp_path / "missing.txt", tok, tmp_path / "cache")
 
 
-def test_wikitext_valid_bpe_cache(bpe, shared_data, tmp_path):
-  path = shared_data / "wikitext-2-valsplit" / "valid.txt"
+def test_wikitext_valid_bpe_cache(bpe, real_data, tmp_path):
+  path = real_data / "wikitext-2-valsplit" / "valid.txt"
   start = time.perf_counter()
   first = tokenizers.encode_corpus(path, bpe, tmp_path)
   encode_s = time.perf_counter() - start
