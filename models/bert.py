@@ -22,6 +22,14 @@ Beyond the forward pass, what later experiments need (as models/gpt2.py):
     + model.safetensors, PyTorch or Flax key names, with or without the `bert.` prefix)
     without torch; a hub id is fetched with huggingface_hub when online.
 
+Two additions for the DendriticBERT experiments (issue 15):
+  * `BertConfig.dendrites`: a `perforated.DendriteSpec` whose module-path globs pick the
+    Dense layers built as PerforatedAI `DendriticDense` (`dendrite_spec(k, "classifier,
+    ffn_output")`: the classifier and every layer's FFN output). None (the default) is
+    the plain model; k = 0 gives the same parameter tree, so a plain checkpoint loads.
+  * `DAN` (alias `DSN`): the seed's "Dendritic Semantic Network", a Deep Averaging
+    Network (Iyyer et al. 2015) on BERT's word embeddings with a dendritic block.
+
 Sizes: `config(preset)` with the compact models of Turc et al. 2019 ("Well-Read Students
 Learn Better": tiny 2x128, mini 4x256, small 4x512, medium 8x512), BERT-base (12x768)
 and all-MiniLM-L6-v2 (6x384, 12 heads; Wang et al. 2020).
@@ -48,6 +56,7 @@ import numpy as np
 from flax import traverse_util
 
 from ponder import errors
+from ponder.nn import perforated
 
 # Hugging Face's activation names -> functions. "gelu" is the exact erf form BERT uses
 # (Hendrycks & Gimpel 2016, Eq. in Sec. 2: x * Phi(x)); the tanh forms are its approximation.
@@ -77,6 +86,8 @@ class BertConfig:
   pad_token_id: int = 0
   num_labels: int = 2  # Classes of the sequence-classification head.
   classifier_dropout: Optional[float] = None  # None = hidden_dropout_prob.
+  # Dense layers built with PerforatedAI dendrites (module-path globs; not an HF field).
+  dendrites: Optional[perforated.DendriteSpec] = None
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads:
@@ -130,9 +141,46 @@ class BertOutput:
   attentions: Optional[jax.Array] = None
 
 
-def _dense(cfg: BertConfig, features: int, name: str, dtype: Any) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype,
-                  kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
+# Named groups of Dense layers for `dendrite_spec`, as module-path globs. fnmatch's "*"
+# crosses "/", so layer numbers are spelled with [0-9] (up to 100 layers) to keep a
+# layer's attention output (".../attention/output/dense") out of its FFN output.
+_LAYER = ("layer_[0-9]", "layer_[0-9][0-9]")
+DENDRITE_TARGETS = {
+    "classifier": ("classifier",),  # BertForSequenceClassification's and DAN's head
+    "ffn_output": tuple(f"*encoder/{n}/output/dense" for n in _LAYER),
+    "ffn_intermediate": tuple(f"*encoder/{n}/intermediate/dense" for n in _LAYER),
+    "attention_output": tuple(f"*encoder/{n}/attention/output/dense" for n in _LAYER),
+    "pooler": ("*pooler/dense",),
+    "hidden": ("hidden_[0-9]", "hidden_[0-9][0-9]"),  # DAN's hidden layers
+}
+
+
+def dendrite_spec(num_dendrites: int, targets) -> perforated.DendriteSpec:
+  """A DendriteSpec for named groups of `DENDRITE_TARGETS` and/or raw globs.
+
+  targets: "classifier,ffn_output" or a sequence of names; an entry with "/" or "*"
+  is a glob over '/'-joined module paths, used as it is.
+  """
+  names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets)]
+  paths = []
+  for name in filter(None, names):
+    if name in DENDRITE_TARGETS:
+      paths.extend(DENDRITE_TARGETS[name])
+    elif "/" in name or "*" in name:
+      paths.append(name)
+    else:
+      raise errors.unknown_key("dendrite target", name, DENDRITE_TARGETS)
+  if not paths:
+    raise errors.ConfigError("dendrite_spec: no target layers given; valid names: "
+                             + ", ".join(DENDRITE_TARGETS) + " (or module-path globs).")
+  return perforated.DendriteSpec(int(num_dendrites), tuple(paths))
+
+
+def _dense(parent: nn.Module, cfg: BertConfig, features: int, name: str,
+           dtype: Any) -> nn.Module:
+  """nn.Dense, or a DendriticDense where `cfg.dendrites` matches the layer's path."""
+  return perforated.dense(parent, features, name=name, spec=cfg.dendrites, dtype=dtype,
+                          kernel_init=nn.initializers.normal(cfg.initializer_range))
 
 
 def _layer_norm(cfg: BertConfig, dtype: Any) -> nn.LayerNorm:
@@ -173,7 +221,7 @@ class SelfAttention(nn.Module):
   def __call__(self, x, key_mask, *, gate, train: bool, return_probs: bool):
     cfg = self.config
     b, t, _ = x.shape
-    heads = lambda name: _dense(cfg, cfg.hidden_size, name, self.dtype)(x).reshape(
+    heads = lambda name: _dense(self, cfg, cfg.hidden_size, name, self.dtype)(x).reshape(
         b, t, cfg.num_attention_heads, cfg.head_dim)
     q, k, v = heads("query"), heads("key"), heads("value")
     mask = key_mask[:, None, None, :]  # [batch, 1 (heads), 1 (queries), keys]
@@ -204,7 +252,7 @@ class DenseResidualNorm(nn.Module):
   @nn.compact
   def __call__(self, h, residual, *, train: bool):
     cfg = self.config
-    h = _dense(cfg, cfg.hidden_size, "dense", self.dtype)(h)
+    h = _dense(self, cfg, cfg.hidden_size, "dense", self.dtype)(h)
     h = nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)(h)
     return _layer_norm(cfg, self.dtype)(h + residual)
 
@@ -229,7 +277,7 @@ class Intermediate(nn.Module):
   def __call__(self, x):
     cfg = self.config
     return ACTIVATIONS[cfg.hidden_act](
-        _dense(cfg, cfg.intermediate_size, "dense", self.dtype)(x))
+        _dense(self, cfg, cfg.intermediate_size, "dense", self.dtype)(x))
 
 
 class Layer(nn.Module):
@@ -268,7 +316,8 @@ class Pooler(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return jnp.tanh(_dense(self.config, self.config.hidden_size, "dense", self.dtype)(x[:, 0]))
+    return jnp.tanh(_dense(self, self.config, self.config.hidden_size, "dense",
+                           self.dtype)(x[:, 0]))
 
 
 def _check_inputs(cfg: BertConfig, input_ids, head_mask) -> None:
@@ -344,7 +393,8 @@ class BertForSequenceClassification(nn.Module):
         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
     rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
     pooled = nn.Dropout(rate, deterministic=not train)(out.pooler_output)
-    logits = _dense(cfg, cfg.num_labels, "classifier", self.dtype)(pooled).astype(jnp.float32)
+    logits = _dense(self, cfg, cfg.num_labels, "classifier", self.dtype)(pooled).astype(
+        jnp.float32)
     if not (output_hidden_states or output_attentions):
       return logits
     aux = {"pooled": out.pooler_output}
@@ -353,6 +403,130 @@ class BertForSequenceClassification(nn.Module):
     if output_attentions:
       aux["attentions"] = out.attentions
     return logits, aux
+
+
+# --- The Deep Averaging Network ("DSN") -------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DANConfig:
+  """Sizes of a Deep Averaging Network; `hidden_size` is the width the parameter-matched
+  wide baseline raises."""
+  vocab_size: int = 30522
+  embed_dim: int = 384  # Word-embedding width (MiniLM's hidden_size when loaded from it).
+  hidden_size: int = 384  # Width of every hidden layer.
+  num_hidden_layers: int = 2  # Hidden layers between the average and the classifier.
+  hidden_act: str = "relu"  # Nonlinearity f of Eq. 3 (Iyyer et al. use ReLU / tanh).
+  dropout: float = 0.1  # Dropout on the average and on each hidden layer's output.
+  word_dropout: float = 0.0  # Sec. 3.1: each real token is left out of the average w.p. p.
+  num_labels: int = 2
+  freeze_embeddings: bool = False  # No gradient into the table (see `DAN`).
+  initializer_range: float = 0.02  # N(0, .) for a randomly initialised table.
+  dendrites: Optional[perforated.DendriteSpec] = None  # e.g. dendrite_spec(1, "hidden,classifier")
+
+  def __post_init__(self):
+    if self.hidden_act not in DAN_ACTIVATIONS:
+      raise errors.unknown_key("hidden_act", self.hidden_act, DAN_ACTIVATIONS)
+    if not 0 <= self.word_dropout < 1:
+      raise errors.ConfigError(f"word_dropout={self.word_dropout} is not in [0, 1).")
+
+
+DAN_ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh, "gelu": ACTIVATIONS["gelu"]}
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of x [batch, seq, d] over the positions where mask [batch, seq] is nonzero; a
+  row with no such position averages to 0."""
+  m = mask.astype(x.dtype)[..., None]
+  return (x * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1)
+
+
+class DAN(nn.Module):
+  """Deep Averaging Network (Iyyer et al. 2015, "Deep Unordered Composition Rivals
+  Syntactic Methods for Text Classification"), with PerforatedAI dendrites.
+
+  This is the seed's "Dendritic Semantic Network" (DSN): no encoder layers at all.
+    z_0 = (1 / |X|) sum_{w in X} v_w              (Eq. 1: average of word embeddings)
+    z_i = f(W_i z_{i-1} + b_i),  i = 1..n          (Eq. 3: the hidden layers)
+    y   = softmax(W_s z_n + b_s)                   (Eq. 4; logits are returned)
+  X is the sentence's REAL tokens: attention_mask excludes padding (the seed's code
+  averaged the padding embeddings in, so its sentence vector moved with the batch's
+  padded length). [CLS] and [SEP] are real tokens here, as BERT's tokenizer emits them:
+  two constant terms in every average. Word dropout (Sec. 3.1) drops each real token
+  from X with probability `word_dropout` while training.
+
+  The hidden layers (`hidden_<i>`) and the classifier are `perforated.dense` layers, so
+  `config.dendrites` (globs over those names) gives them k dendrites each. The table is
+  named `word_embeddings` as BERT's (its checkpoint's table loads into it); with
+  `freeze_embeddings` no gradient reaches it (give it optim lr scale 0 as well, or
+  AdamW's weight decay still shrinks it).
+
+  Called as the BERT classifier: (input_ids, attention_mask, token_type_ids; train)
+  -> float32 logits [batch, num_labels]; token types are ignored.
+  """
+  config: DANConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
+               train: bool = False):
+    del token_type_ids  # An average has no segments.
+    cfg = self.config
+    if input_ids.ndim != 2:
+      raise errors.ShapeError(f"input_ids must be [batch, seq]; got {input_ids.shape}.")
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    table = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=self.dtype,
+                     embedding_init=nn.initializers.normal(cfg.initializer_range),
+                     name="word_embeddings")
+    x = table(input_ids)
+    if cfg.freeze_embeddings:
+      x = jax.lax.stop_gradient(x)
+    mask = attention_mask.astype(bool)
+    if train and cfg.word_dropout > 0:
+      keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - cfg.word_dropout, mask.shape)
+      mask = mask & keep
+    z = masked_mean(x, mask)
+    act = DAN_ACTIVATIONS[cfg.hidden_act]
+    for i in range(cfg.num_hidden_layers):
+      z = nn.Dropout(cfg.dropout, deterministic=not train)(z)
+      z = act(perforated.dense(self, cfg.hidden_size, name=f"hidden_{i}", spec=cfg.dendrites,
+                               dtype=self.dtype)(z))
+    z = nn.Dropout(cfg.dropout, deterministic=not train)(z)
+    return perforated.dense(self, cfg.num_labels, name="classifier", spec=cfg.dendrites,
+                            dtype=self.dtype)(z).astype(jnp.float32)
+
+
+DSN = DAN  # The seed's name.
+
+
+def load_into(fresh, loaded, *, where: str = "params"):
+  """`fresh` with every leaf that `loaded` has replaced by it (same path, same shape):
+  pretrained weights into a model that adds parameters (a new head, dendrites).
+
+  Works inside jit (the shapes are checked at trace time). A leaf of `loaded` that
+  `fresh` lacks, or a shape that differs, is a CheckpointError naming it.
+  """
+  flat_fresh = traverse_util.flatten_dict(fresh)
+  flat_loaded = traverse_util.flatten_dict(loaded)
+  unknown = sorted("/".join(k) for k in flat_loaded.keys() - flat_fresh.keys())
+  if unknown:
+    raise errors.CheckpointError(f"{where}: the model has no parameters {unknown}.")
+  for k, v in flat_loaded.items():
+    if tuple(v.shape) != tuple(flat_fresh[k].shape):
+      raise errors.CheckpointError(
+          f"{where}: {'/'.join(k)} has shape {tuple(v.shape)} in the checkpoint and "
+          f"{tuple(flat_fresh[k].shape)} in the model.")
+    flat_fresh[k] = jnp.asarray(v, flat_fresh[k].dtype)
+  return traverse_util.unflatten_dict(flat_fresh)
+
+
+def config_from_checkpoint(path: str | os.PathLike, **overrides) -> BertConfig:
+  """The BertConfig of a checkpoint's config.json (a directory or hub id), with fields
+  overridden (num_labels, dropout rates, dendrites); reads no weights."""
+  directory = resolve_checkpoint(path)
+  hf = json.loads((directory / _CONFIG_FILE).read_text())
+  return dataclasses.replace(_config_from_hf(hf), **overrides)
 
 
 def init_params(model: nn.Module, key: jax.Array, seq_len: int = 8):
@@ -571,10 +745,15 @@ def to_hf(model: nn.Module, params, path: str | os.PathLike) -> None:
   directory = pathlib.Path(path)
   directory.mkdir(parents=True, exist_ok=True)
   cfg = model.config
+  grown = perforated.dendrite_layers(params)
+  if grown:
+    raise errors.ConfigError(
+        f"to_hf writes plain BERT checkpoints; these params have dendrites in {grown}, "
+        "which a Hugging Face BertModel cannot hold. Save them with ponder's checkpoints.")
   is_classifier = isinstance(model, BertForSequenceClassification)
+  fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "dendrites"}
   hf_config = {"architectures": ["BertForSequenceClassification" if is_classifier
-                                 else "BertModel"], "model_type": "bert",
-               **dataclasses.asdict(cfg),
+                                 else "BertModel"], "model_type": "bert", **fields,
                **{k: allowed[0] for k, allowed in _HF_REQUIRED.items()}}
   if is_classifier:  # transformers derives num_labels from id2label.
     hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}

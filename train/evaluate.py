@@ -25,8 +25,8 @@ from ponder import errors
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A train.main --workdir.")
 _SPLIT = flags.DEFINE_string("split", "valid", "Split to score: language models "
-                             "train|valid|test (default valid); classifiers val|test "
-                             "(default test).")
+                             "train|valid|test (default valid); classifiers (images, "
+                             "text) val|test (default test).")
 _STRIDE = flags.DEFINE_integer("stride", 0, "Sliding-window stride; 0 = the run's setting.")
 _CORRUPTIONS = flags.DEFINE_integer("corruptions", 0, "Classifiers: test images to corrupt "
                                     "(0 = no corruption evaluation).")
@@ -88,11 +88,11 @@ def main(argv):
     cfg, task, params, step, mesh = trainer.restore_run(_WORKDIR.value, **overrides)
     eval_fn = jax.jit(task.eval_fn)
     which = "val"  # Language models: the split named in the overrides.
-    if cfg.task == "classification" and task.test_batches is None:
+    if cfg.task != "language_model" and task.test_batches is None:
       if split == "val":  # data.val_size=0: its evaluations were on test.
         raise errors.ConfigError(f"{_WORKDIR.value} was trained without a validation "
                                  "split (data.val_size=0); score --split=test.")
-    elif cfg.task == "classification":
+    elif cfg.task != "language_model":
       which = split
     metrics = trainer.evaluate(task, eval_fn, params, mesh, split=which)
     if cfg.task == "classification":

