@@ -18,10 +18,10 @@ DendriticLiquid-ViT study's table).
 3. Keep-ratio sweep: the trained DendriticLiquid-ViT evaluated with inference keep
    ratios 0.5 ... 0.9 (accuracy, FLOPs, throughput in the same interleaved measurement).
    These are one model's inference settings, not models trained at each ratio.
-4. Writes the JSON (with the goals of the study checked: FLOPs <= 65% of the
-   baseline's, throughput >= 1.4x, accuracy within 1.0 point, mean corruption accuracy
-   no lower), sweep.png (accuracy against the fraction of the baseline's FLOPs), and the
-   kept-token and importance pictures, next to --out.
+4. Writes the JSON (with the goals checked by `benchmarks.goals.dlvit_table`: FLOPs <=
+   65% of the baseline's, throughput >= 1.4x, accuracy within 1.0 point, mean corruption
+   accuracy no lower), sweep.png (accuracy against the fraction of the baseline's
+   FLOPs), and the kept-token and importance pictures, next to --out.
 
 Full budget: 3,000 steps of 128 per model (6.4 epochs, the presets' optimizer; the
 baseline preset's 9,500 steps would take over an hour per pruned model on 2 CPU cores)
@@ -39,6 +39,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
+from benchmarks import goals
 from ponder import analysis
 from ponder import errors
 from ponder.analysis import robustness
@@ -62,7 +63,6 @@ CONFIGS = {"vit": "configs/vit.py:fashion_mnist",
            "dendritic_vit": "configs/dendritic_liquid_vit.py:fashion_mnist,variant=dendritic_vit",
            "dendritic_liquid_vit": "configs/dendritic_liquid_vit.py:fashion_mnist"}
 BATCH = 256  # The study's throughput batch.
-GOALS = dict(max_flops_ratio=0.65, min_throughput_ratio=1.4, max_accuracy_drop=0.01)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,19 +142,6 @@ def measure(models: dict, ds: vision.ImageDataset, budget: Budget, ratios) -> di
   return rows
 
 
-def check_goals(rows: dict) -> dict:
-  liquid, base = rows["dendritic_liquid_vit"], rows["vit"]
-  return dict(
-      flops_ratio=liquid["flops_ratio"],
-      flops_met=liquid["flops_ratio"] <= GOALS["max_flops_ratio"],
-      throughput_ratio=liquid["throughput_ratio"],
-      throughput_met=liquid["throughput_ratio"] >= GOALS["min_throughput_ratio"],
-      accuracy_delta=liquid["accuracy_delta"],
-      accuracy_met=liquid["accuracy_delta"] >= -GOALS["max_accuracy_drop"],
-      corruption_delta=liquid["corruption_mean"] - base["corruption_mean"],
-      corruption_met=liquid["corruption_mean"] >= base["corruption_mean"], **GOALS)
-
-
 def sweep_figure(rows: dict, ratios, trained_ratio: float, path: str) -> None:
   curves = {"DendriticLiquid-ViT, keep ratio at inference": [
       (rows[f"dendritic_liquid_vit@{r:g}"]["flops_ratio"],
@@ -194,7 +181,7 @@ def run(budget: Budget, out: str, workdir: str, data_dir: str = "", ratios=(0.5,
   sweep_figure(rows, ratios, trained_ratio, os.path.join(outdir, "sweep.png"))
   result = dict(
       machine=common.machine(), budget=dataclasses.asdict(budget), workdir=workdir,
-      batch_size=BATCH, models=rows, goals=check_goals(rows),
+      batch_size=BATCH, models=rows, goals=goals.dlvit_table(rows),
       sweep_note=f"keep ratios applied at inference to the model trained at {trained_ratio}",
       pictures=[os.path.basename(p) for p in pictures] + ["sweep.png"])  # Beside --out.
   common.write_json(out, result)

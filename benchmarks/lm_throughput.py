@@ -18,9 +18,10 @@ The sides step in round robin and the median synced step time is kept.
 
 MFU: compiled training FLOPs per step (XLA's count for ponder's step) x steps/s over
 the machine's measured dense-matmul FLOP/s (the better of XLA's and torch's);
-`goal_needs_mfu` is the MFU a step at 1.2x the faster peer would need. `top_ops`, for
-the two JAX sides, is where their step's time goes, op by op, from a profiler trace
-taken after the timed steps.
+`goal` (`benchmarks.goals.lm_throughput`) checks ponder at 1.2x the faster peer, and
+`goal_needs_mfu` is the MFU such a step would need. `top_ops`, for the two JAX sides, is
+where their step's time goes, op by op, from a profiler trace taken after the timed
+steps.
 
 Decoding: `gpt2.generate` with the key/value cache against full recomputation at every
 step (`use_cache=False`), greedy, batch 1; tokens/s of new tokens.
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from benchmarks import goals
 from configs import gpt2_lm
 from models import gpt2
 from ponder import analysis
@@ -181,7 +183,9 @@ def _print_summary(result: dict) -> None:
         f"{d['cache_tokens_per_s']:.0f} tokens/s, recompute "
         f"{d['recompute_tokens_per_s']:.0f} tokens/s, x{d['cache_speedup']:.2f}; same "
         f"tokens: {d['same_tokens']}")
-  print(f"speedup vs the best peer: x{result['speedup_vs_best_peer']:.2f} (goal 1.2)")
+  g = result["goal"]
+  print(f"speedup vs the best peer ({g['best_peer']}): x{g['speedup_vs_best_peer']:.2f} "
+        f"(goal x{g['min_speedup']}: {'met' if g['met'] else 'not met'})")
 
 
 def main(argv):
@@ -199,16 +203,15 @@ def main(argv):
   peak = max(analysis.matmul_peak_flops(), common.torch_matmul_peak())
   training = _training(cfg, warmup=1 if quick else _WARMUP.value, runs=runs, peak=peak)
   decoding = _decoding(cfg, new_tokens=32 if quick else _DECODE_TOKENS.value, runs=runs)
-  best_peer = max(training["hf_flax"]["tokens_per_s"], training["torch"]["tokens_per_s"])
+  goal = goals.lm_throughput(training)
   result.update(
       training=training, decoding=decoding,
       ponder_tokens_per_s=training["ponder"]["tokens_per_s"],
       hf_flax_tokens_per_s=training["hf_flax"]["tokens_per_s"],
       torch_tokens_per_s=training["torch"]["tokens_per_s"],
-      speedup_vs_best_peer=training["ponder"]["tokens_per_s"] / best_peer,
+      speedup_vs_best_peer=goal["speedup_vs_best_peer"],
       peak_matmul_flops=peak,
-      goal_needs_mfu=1.2 * best_peer * training["ponder"]["mfu"]
-      / training["ponder"]["tokens_per_s"],
+      goal_needs_mfu=goal["needs_mfu"], goal=goal,
       decode_cache_speedup=decoding["cache_speedup"])
   result["machine"]["load_average_end"] = os.getloadavg()
   _print_summary(result)

@@ -47,8 +47,9 @@ whole valid split), every variant with its own trained parameters:
   1..4 steps from W_0 over the loss before them (`ttt.inner_loss_by_step`, per TTT
   block and averaged), under each variant's parameters: whether steps past the first
   still fit the inner objective.
-* goal (issue 6): adaptive's valid perplexity within 1% of Fixed-4's, with at most 65% of
-  its inner-loop FLOPs and 75% of its eval wall-clock per token; per adaptive variant.
+* goal (`benchmarks.goals.ponder_pareto`): adaptive's valid perplexity within 1% of
+  Fixed-4's, with at most 65% of its inner-loop FLOPs and 75% of its eval wall-clock per
+  token; per adaptive variant.
   reference_ppl_over_skip (Fixed-4's perplexity over SKIP's) says whether the inner steps
   matter at all: near or above 1 (an undertrained model, a short run) the goal is met
   vacuously; inner_steps_help is whether it is at most 1/1.01, and meaningful_pass whether
@@ -87,6 +88,7 @@ import numpy as np
 from scipy import stats
 
 from benchmarks import common
+from benchmarks import goals
 from configs import ttt_lm as ttt_lm_config
 from models import ttt_lm
 from ponder import analysis
@@ -98,8 +100,6 @@ from ponder.nn import ttt
 from train import trainer
 
 PRESETS = ("synthetic", "wikitext2")
-GOAL = dict(reference="fixed4", max_ppl_ratio=1.01, max_inner_flops_ratio=0.65,
-            max_time_ratio=0.75)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,33 +356,6 @@ def _summary(variant: Variant, cfg: ttt_lm.TTTLMConfig, arrays: dict,
   return out
 
 
-def _goal(results: dict) -> dict:
-  """The issue's goal for every adaptive variant against Fixed-4."""
-  ref = results[GOAL["reference"]]
-  by_variant = {}
-  for name, r in results.items():
-    if r["mode"] != "adaptive":
-      continue
-    ratios = dict(ppl_ratio=r["valid_ppl"] / ref["valid_ppl"],
-                  inner_flops_ratio=r["inner_flops_per_token"] / ref["inner_flops_per_token"],
-                  time_ratio=r["eval_s_per_token"] / ref["eval_s_per_token"],
-                  ttt_layer_flops_ratio=(r["ttt_layer_flops_per_token"]
-                                         / ref["ttt_layer_flops_per_token"]),
-                  total_flops_ratio=r["total_flops_per_token"] / ref["total_flops_per_token"])
-    checks = dict(ppl_ok=ratios["ppl_ratio"] <= GOAL["max_ppl_ratio"],
-                  inner_flops_ok=ratios["inner_flops_ratio"] <= GOAL["max_inner_flops_ratio"],
-                  time_ok=ratios["time_ratio"] <= GOAL["max_time_ratio"])
-    by_variant[name] = dict(ratios, **checks, passed=all(checks.values()))
-  passing = [name for name, g in by_variant.items() if g["passed"]]
-  # The goal presumes that inner steps help: Fixed-4 at least the goal's 1% better than
-  # SKIP. Otherwise spending fewer steps than Fixed-4 matches it trivially.
-  spread = ref["valid_ppl"] / results["skip"]["valid_ppl"]
-  inner_steps_help = spread <= 1 / GOAL["max_ppl_ratio"]
-  return dict(GOAL, reference_ppl_over_skip=spread, inner_steps_help=inner_steps_help,
-              by_variant=by_variant, passing=passing, passed=bool(passing),
-              meaningful_pass=bool(passing) and inner_steps_help)
-
-
 def _train_speed(workdir: str) -> Optional[float]:
   """Median seconds per training step from the run's logged intervals, leaving out the
   first (it holds the compilation) when there are others."""
@@ -544,7 +517,7 @@ def run(out_dir: str, preset: str, budget: Budget, *, data_dir: str = "",
       flops_by_k=dict(total_compiled={str(k): v for k, v in programs.total_flops.items()},
                       ttt_layer={str(k): ttt_lm.ttt_flops_per_token(canonical.config, k)
                                  for k in programs.total_flops}),
-      variants=results, goal=_goal(results),
+      variants=results, goal=goals.ponder_pareto(results),
       throughput=layer_throughput(**budget.layer))
   _plots(out_dir, preset, results, workdirs)
   common.write_json(os.path.join(out_dir, "results.json"), result)

@@ -19,7 +19,8 @@ MFU is the model's analytic training FLOPs (3 x the forward matmul FLOPs: forwar
 backward for activations and weights) per second over the machine's measured
 dense-matmul FLOP/s (the better of XLA's and torch's matmul). The seed document's FLOPs
 claim is set beside the compiled and analytic counts. The JSON's top level holds the
-headline (first) config's numbers; `configs` holds every config in full.
+headline (first) config's numbers and `goal` (`benchmarks.goals.vit_throughput`: ponder
+at least 1.5x the faster PyTorch side); `configs` holds every config in full.
 """
 
 import functools
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from benchmarks import goals
 from configs import vit as vit_config
 from ponder import analysis
 from ponder import errors
@@ -213,6 +215,9 @@ def _print_summary(result: dict) -> None:
         f"FLOPs, analytic {f['seed_config_flops_per_image_analytic']:,} FLOPs "
         f"= {f['seed_config_macs_per_image']:,} MACs; seed claim {f['seed_claim']:,} "
         f"(= {f['seed_claim_over_macs']:.4f} x MACs, {f['seed_claim_over_flops']:.4f} x FLOPs)")
+  g = f["goal"]
+  print(f"goal: x{g['speedup_vs_best_peer']:.2f} the faster PyTorch side ({g['best_peer']}), "
+        f"needs x{g['min_speedup']}: {'met' if g['met'] else 'not met'}")
   inf = f["ponder_inference"]
   print(f"{f['headline_config']} ViT inference (ponder): batch-1 latency "
         f"{inf['latency_ms']:.2f} ms, {inf['images_per_s']:.0f} images/s at batch "
@@ -243,6 +248,7 @@ def _run(presets, *, quick: bool, warmup: int, runs: int) -> dict:
                      "max(XLA, torch) measured dense-matmul FLOP/s",
       ponder_inference=head["ponder_inference"],
       **_seed_flops())
+  result["goal"] = goals.vit_throughput(result)
   result["machine"].update(load_average_end=os.getloadavg(),
                            wall_s=time.perf_counter() - start)
   return result

@@ -1,8 +1,7 @@
 """DendriticLiquid-ViT: dendritic token importance, a CfC liquid state across depth, and
 DynamicViT token pruning, on the ViT of `models/vit.py`.
 
-The study (the DendriticLiquid-ViT plan in ../shared/seeds/000_*.txt) combines three
-published pieces, each a tested block in `ponder/nn/`:
+Three published pieces, each a tested block in `ponder/nn/`:
 
   * dendritic gating (Chavlis & Poirazi 2025): `DendriticGate`, token importance
     a_n = sigmoid(max_k branch_k(x_n)) in (0, 1), branch biases +2 so a_n ~ 0.88 at init;
@@ -10,17 +9,17 @@ published pieces, each a tested block in `ponder/nn/`:
     article): `CfCCell`, h' = CfC(x, h, t);
   * DynamicViT (Rao et al. 2021): `TokenPredictor` (Eq. 1-5), `keep_decision`
     (Gumbel-softmax with straight-through gradient, Eq. 6), masked attention
-    (Eq. 7-9, through `models.vit.SelfAttention(policy=...)`) and, at inference,
-    `select_tokens` (top-k gather, Sec. 3.4).
+    (Eq. 7-9, through `models.vit.SelfAttention(policy=...)`) and, at inference, a
+    top-k gather of the kept tokens (`top_index`, Sec. 3.4).
 
-Two models, both with the constructor fields of `vit.ViT` and the same parameter names
-for the shared parts (`embed`, `block{l}`, `ln_final`, `head`), so a ViT's parameters
-are a subset of theirs:
+Both models are a `vit.ViT` (same fields, its `embed_patches`, `encode` block loop and
+`classify` head, so the same parameter names `embed`, `block{l}`, `ln_final`, `head`)
+with a hook around each block: a ViT's parameters are a subset of theirs.
 
-`DendriticViT` (the plan's ablation). Before every block l a gate scores the tokens,
-a^l = DendriticGate_l(z^{l-1}) [batch, n]. Nothing is pruned. The importances are
-returned (`return_aux=True`) and, with `scale_residual=True`, scale each token's
-residual update,
+`DendriticViT` (the ablation: gates, no pruning). Before every block l a gate scores
+the tokens, a^l = DendriticGate_l(z^{l-1}) [batch, n]. Nothing is pruned. The
+importances are returned (`return_aux=True`) and, with `scale_residual=True`, scale
+each token's residual update,
 
     z^l = z^{l-1} + a^l (Block_l(z^{l-1}) - z^{l-1})       (class token: a = 1),
 
@@ -38,33 +37,32 @@ so Block_l's two residual branches (ViT Eq. 2-3) are both weighted by a^l. With
          pi'_{n,keep} = pi_{n,keep} + log(a_n / (1 - a_n)),  pi'_{n,drop} = pi_{n,drop},
      so P(keep) = sigmoid(pi_keep - pi_drop + logit a_n), i.e. odds_pred x odds_gate.
      With the gate's +2 bias every token starts with keep odds ~ e^2 x those of the
-     predictor: pruning starts gently, as the plan's "positive bias" note asks.
+     predictor, so pruning starts gently.
   2. Training (train=True) samples D^s = GumbelSoftmax(pi')_keep * D^{s-1} (Eq. 6):
      a hard 0/1 mask with the straight-through gradient of the soft sample after
-     `soft_warmup_steps`, the soft sample before (the plan's soft warm-up); the Gumbel
+     `soft_warmup_steps`, the soft sample before (a soft warm-up); the Gumbel
      temperature anneals from `temperature_start` to `temperature_end` over
      `anneal_steps` (`gumbel_temperature`). The blocks from the stage on attend with the
      policy G_ij = 1 if i = j else D_j (Eq. 8-9): dropped tokens are ignored by the
      others, each token still attends to itself, the class token is always kept. With
      `step=None` the schedules are at their end (hard masks, final temperature). The
      Gumbel noise draws from the "dropout" rng stream.
-     Inference (train=False) really removes tokens: `select_tokens` keeps the class token
-     and the top ceil(keep_ratio x (n - 1)) tokens by keep score pi'_keep - pi'_drop, a
-     static count, so every later block runs on fewer tokens and the compiled FLOPs fall.
-     After S stages about keep_ratio^S of the patch tokens remain, the targets of the
-     keep-ratio loss (Eq. 13, `keep_ratio_targets`).
+     Inference (train=False) really removes tokens: it keeps the class token and the
+     top ceil(keep_ratio x (n - 1)) tokens by keep score pi'_keep - pi'_drop
+     (`token_pruning.top_index`), a static count, so every later block runs on fewer
+     tokens and the compiled FLOPs fall. After S stages about keep_ratio^S of the patch
+     tokens remain, the targets of the keep-ratio loss (Eq. 13, `keep_ratio_targets`).
   3. Liquid state across depth. One CfC cell (shared by all blocks, as a liquid network
      shares its cell across time) carries a per-token state h through depth:
          y^l = Block_l(z^{l-1}),   h^l = CfC(y^l, h^{l-1}, t_l),   z^l = y^l + W^l_out h^l,
-     with h^0 = 0 and depth time t_l = (l + 1) / depth, the "normalised layer time" of
-     `ponder/nn/cfc.py` (the gate sigma(W_a z t + W_b z) opens further in later blocks).
-     Chosen over the per-token importance time because the importance exists only at
-     the pruning stages. W^l_out starts at zero, so at init (and with W_out forced to
-     zero: the "neutral" gate) the liquid path adds nothing and the model is the pruned
-     ViT; CfC parameters live under `cfc` (a lower learning rate, `optim.lr_scales`).
-     Pruned tokens' states are gathered with the tokens. With liquid_blocks="stages"
-     the update runs only after the blocks l in `stages` (elsewhere z^l = y^l and h
-     is carried unchanged).
+     with h^0 = 0 and depth time t_l = (l + 1) / depth, the normalised layer time (the
+     gate sigma(W_a z t + W_b z) opens further in later blocks); a per-token importance
+     time would exist only at the pruning stages. W^l_out starts at zero, so at init
+     (and with W_out forced to zero: the "neutral" gate) the liquid path adds nothing
+     and the model is the pruned ViT; CfC parameters live under `cfc` (a lower learning
+     rate, `optim.lr_scales`). Pruned tokens' states are gathered with the tokens. With
+     liquid_blocks="stages" the update runs only after the blocks l in `stages`
+     (elsewhere z^l = y^l and h is carried unchanged).
 
 `__call__(images, *, train, step=None, return_aux=False)` returns logits, or
 (logits, aux) with aux:
@@ -85,23 +83,18 @@ import jax.numpy as jnp
 from models import vit
 from ponder import errors
 from ponder.nn import cfc as cfc_lib
+from ponder.nn import dense
 from ponder.nn import dendrites
 from ponder.nn import token_pruning
 
 _EPS = 1e-6  # Importance clipped to [eps, 1 - eps] before its log-odds.
 
 
-def _head(num_classes, x):
-  x = nn.LayerNorm(epsilon=1e-6, name="ln_final")(x)
-  logits = nn.Dense(num_classes, kernel_init=nn.initializers.zeros, name="head")(x[:, 0])
-  return logits, x
-
-
 class DendriticViT(vit.ViT):
   """ViT with a `DendriticGate` before every block; nothing pruned (the ablation).
 
-  Inherits `vit.ViT`'s fields (its __call__ is replaced), plus: num_branches, hidden_dim (of each gate; the seed: 4, 64),
-  scale_residual (the importance scales each token's residual update; class token 1).
+  Fields of `vit.ViT`, plus: num_branches, hidden_dim (of each gate), scale_residual
+  (the importance scales each token's residual update; class token 1).
   """
   num_branches: int = 4
   hidden_dim: int = 64
@@ -110,19 +103,19 @@ class DendriticViT(vit.ViT):
   @nn.compact
   def __call__(self, images, *, train: bool = False, step=None, return_aux: bool = False):
     del step  # No schedule; accepted so every model of this file is called alike.
-    x = vit.PatchEmbed(self.patch, self.width, name="embed")(images)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
     importances = []
-    for l in range(self.depth):
+
+    def gated_block(l, x, block):
       a = dendrites.DendriticGate(self.num_branches, self.hidden_dim, name=f"gate{l}")(x)
       importances.append(a)
-      y = vit.EncoderBlock(self.heads, int(self.width * self.mlp_ratio), self.qkv_bias,
-                           self.dropout, name=f"block{l}")(x, train=train)
+      y = block(x)
       if self.scale_residual:
         a = a.at[:, 0].set(1.0)  # The class token's update is never damped.
         y = x + a[..., None] * (y - x)
-      x = y
-    logits, final = _head(self.num_classes, x)
+      return y
+
+    x = self.encode(self.embed_patches(images, train=train), train=train, hook=gated_block)
+    logits, final = self.classify(x)
     if not return_aux:
       return logits
     n = x.shape[1]
@@ -133,17 +126,16 @@ class DendriticViT(vit.ViT):
 class DendriticLiquidViT(vit.ViT):
   """Dendritic importance + DynamicViT pruning at `stages` + a CfC state across depth.
 
-  Inherits `vit.ViT`'s fields (its __call__ is replaced), plus:
+  Fields of `vit.ViT`, plus:
     num_branches, hidden_dim: each stage's `DendriticGate`.
     cfc_mode, cfc_backbone_units: the shared `CfCCell` ("default" | "no_gate" | "pure").
     liquid_blocks: "all" (the liquid state after every block) or "stages" (only after the
-      blocks at `stages`: a third to a half of the CfC cost, for small widths where a
-      CfC step costs a sizeable part of a block).
+      blocks at `stages`: fewer CfC steps).
     stages: block indices before which tokens are pruned (0 <= s < depth, increasing).
     keep_ratio: rho, the fraction of the remaining patch tokens each stage keeps.
     anneal_steps: Gumbel temperature goes temperature_start -> temperature_end over these.
     soft_warmup_steps: steps of soft (relaxed) masks before hard straight-through ones.
-    temperature_start, temperature_end: the Gumbel-softmax temperatures (plan: 5 -> 0.1).
+    temperature_start, temperature_end: the Gumbel-softmax temperatures.
   """
   num_branches: int = 4
   hidden_dim: int = 64
@@ -156,9 +148,6 @@ class DendriticLiquidViT(vit.ViT):
   soft_warmup_steps: int = 1_000
   temperature_start: float = 5.0
   temperature_end: float = 0.1
-
-  # train/tasks.py passes the optimizer step (for the schedules) to models that say so.
-  needs_step = True
 
   def keep_ratio_targets(self) -> tuple:
     """Target kept fraction of the patch tokens after each stage (rho, rho^2, ...)."""
@@ -185,15 +174,16 @@ class DendriticLiquidViT(vit.ViT):
           step, anneal_steps=max(self.anneal_steps, 1), start=self.temperature_start,
           end=self.temperature_end)
       hard = token_pruning.use_hard_mask(step, soft_warmup_steps=self.soft_warmup_steps)
-    x = vit.PatchEmbed(self.patch, self.width, name="embed")(images)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = self.embed_patches(images, train=train)
     b, n, _ = x.shape
+    cell = cfc_lib.CfCCell(self.width, self.cfc_backbone_units, mode=self.cfc_mode, name="cfc")
     mask = jnp.ones((b, n), x.dtype)  # D^0: everything kept.
     h = jnp.zeros_like(x)  # Liquid state h^0.
-    cell = cfc_lib.CfCCell(self.width, self.cfc_backbone_units, mode=self.cfc_mode, name="cfc")
     positions = jnp.broadcast_to(jnp.arange(n), (b, n))  # Each token's index in the input.
     importances, masks, num_tokens, kept_positions = [], [], [], []
-    for l in range(self.depth):
+
+    def liquid_block(l, x, block):
+      nonlocal mask, h, positions
       if l in stages:
         s = stages.index(l)
         a = dendrites.DendriticGate(self.num_branches, self.hidden_dim, name=f"gate{s}")(x)
@@ -213,15 +203,16 @@ class DendriticLiquidViT(vit.ViT):
           kept_positions.append(positions)
           mask = jnp.ones(x.shape[:2], x.dtype)
         num_tokens.append(x.shape[1])
-      policy = mask if train and masks else None  # Eq. 7-9 once anything can be dropped.
-      y = vit.EncoderBlock(self.heads, int(self.width * self.mlp_ratio), self.qkv_bias,
-                           self.dropout, name=f"block{l}")(x, train=train, policy=policy)
+      # Eq. 7-9 once anything can be dropped.
+      y = block(x, policy=mask if train and masks else None)
       if self.liquid_blocks == "all" or l in stages:
         h = cell(y, h, (l + 1) / self.depth)
-        y = y + nn.Dense(self.width, kernel_init=nn.initializers.zeros,
+        y = y + dense.Dense(self.width, kernel_init=nn.initializers.zeros,
                          name=f"liquid_out{l}")(h)
-      x = y
-    logits, final = _head(self.num_classes, x)
+      return y
+
+    x = self.encode(x, train=train, hook=liquid_block)
+    logits, final = self.classify(x)
     if not return_aux:
       return logits
     return logits, {"importance": importances, "keep_masks": masks,
@@ -230,7 +221,7 @@ class DendriticLiquidViT(vit.ViT):
 
 
 def kept_tokens(num_tokens: int, keep_ratio: float, num_stages: int) -> list:
-  """Tokens (class token included) left after each inference stage, as `select_tokens`
+  """Tokens (class token included) left after each inference stage, as `top_index`
   counts them: a static function of the image size and the config."""
   out = []
   for _ in range(num_stages):

@@ -1,20 +1,21 @@
 """Vision Transformer (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words").
 
-The baseline of the DendriticLiquid-ViT study: a class token, a learned position
-embedding, pre-LayerNorm blocks (Eq. 2-3 of the paper: z' = z + MSA(LN(z)),
-z = z' + MLP(LN(z'))) and a linear head on the final class token (Eq. 4).
+A class token, a learned position embedding, pre-LayerNorm blocks (Eq. 2-3 of the
+paper: z' = z + MSA(LN(z)), z = z' + MLP(LN(z'))) and a linear head on the final class
+token (Eq. 4). `qkv_bias` puts biases on the query/key/value projection (3 x width per
+block).
 
-The seed configuration (embed 256, depth 6, heads 8, patch 4 on 32x32, 10 classes) has
-4,771,082 parameters with biases on the query/key/value projection, and 4,766,474
-(the seed's count) without: the difference is 6 blocks x 768 qkv biases. `qkv_bias`
-chooses.
+`ViT` is also the backbone of the variants in `models/dendritic_liquid_vit.py`: they
+call its `embed_patches`, `encode` (the block loop, with a per-block hook) and
+`classify`, so the blocks, their names and the head are defined once, here.
 """
 
-from typing import Optional
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ponder.nn import dense
 from ponder.nn import token_pruning
 
 
@@ -26,57 +27,54 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     out_dim = x.shape[-1]
-    x = nn.Dense(self.hidden_dim, name="fc1")(x)
+    x = dense.Dense(self.hidden_dim, name="fc1")(x)
     x = nn.gelu(x, approximate=False)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = nn.Dense(out_dim, name="fc2")(x)
+    x = dense.Dense(out_dim, name="fc2")(x)
     return nn.Dropout(self.dropout, deterministic=not train)(x)
 
 
 class SelfAttention(nn.Module):
   """Multi-head self-attention with one fused qkv projection.
 
-  `mask` ([batch, 1 or heads, q, k], True = may attend) lets derived models hide
-  dropped tokens; the baseline passes None. `policy` (a keep mask D [batch, n], soft or
-  straight-through hard) instead applies DynamicViT's masked softmax (Eq. 7-9 of Rao et
-  al. 2021, `ponder.nn.token_pruning.masked_attention`), through which D gets gradients;
-  that path has no attention dropout.
+  `policy` (a keep mask D [batch, n], soft or straight-through hard) applies DynamicViT's
+  masked softmax (Eq. 7-9 of Rao et al. 2021, `ponder.nn.token_pruning.masked_attention`),
+  through which D gets gradients; that path has no attention dropout. None is plain
+  attention.
   """
   num_heads: int
   qkv_bias: bool = True
   dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x, *, train: bool, mask: Optional[jnp.ndarray] = None,
-               policy: Optional[jnp.ndarray] = None):
+  def __call__(self, x, *, train: bool, policy: Optional[jnp.ndarray] = None):
     b, n, d = x.shape
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
-    qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, name="qkv")(x)
+    qkv = dense.Dense(3 * d, use_bias=self.qkv_bias, name="qkv")(x)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 3, axis=2)
     if policy is not None:
       out = token_pruning.masked_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], policy)
     else:
       out = nn.dot_product_attention(
-          q[:, :, 0], k[:, :, 0], v[:, :, 0], mask=mask,
+          q[:, :, 0], k[:, :, 0], v[:, :, 0],
           dropout_rate=self.dropout, deterministic=not train,
           dropout_rng=self.make_rng("dropout") if train and self.dropout > 0 else None)
-    return nn.Dense(d, name="proj")(out.reshape(b, n, d))
+    return dense.Dense(d, name="proj")(out.reshape(b, n, d))
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN Transformer block (Eq. 2-3); `mask`/`policy` go to `SelfAttention`."""
+  """Pre-LN Transformer block (Eq. 2-3); `policy` goes to `SelfAttention`."""
   num_heads: int
   mlp_dim: int
   qkv_bias: bool = True
   dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x, *, train: bool, mask: Optional[jnp.ndarray] = None,
-               policy: Optional[jnp.ndarray] = None):
+  def __call__(self, x, *, train: bool, policy: Optional[jnp.ndarray] = None):
     y = nn.LayerNorm(epsilon=1e-6, name="ln1")(x)
     y = SelfAttention(self.num_heads, self.qkv_bias, self.dropout, name="attn")(
-        y, train=train, mask=mask, policy=policy)
+        y, train=train, policy=policy)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
     y = nn.LayerNorm(epsilon=1e-6, name="ln2")(x)
     return x + MlpBlock(self.mlp_dim, self.dropout, name="mlp")(y, train=train)
@@ -102,8 +100,22 @@ class PatchEmbed(nn.Module):
     return x + pos
 
 
+# encode's per-block hook: hook(l, x, block) -> the tokens after block l, where
+# block(x, policy=None) runs `block{l}` (EncoderBlock) on x.
+BlockHook = Callable[..., jnp.ndarray]
+
+
+def _run_block(l, x, block):
+  del l
+  return block(x)
+
+
 class ViT(nn.Module):
-  """ViT classifier: patch embedding, `depth` pre-LN blocks, LayerNorm, linear head."""
+  """ViT classifier: patch embedding, `depth` pre-LN blocks, LayerNorm, linear head.
+
+  Parameters: `embed` (PatchEmbed), `block{l}` (EncoderBlock) for l < depth,
+  `ln_final`, `head`.
+  """
   num_classes: int
   patch: int = 4
   width: int = 256
@@ -113,15 +125,31 @@ class ViT(nn.Module):
   qkv_bias: bool = True
   dropout: float = 0.0
 
+  def embed_patches(self, images, *, train: bool):
+    """Eq. 1: patch embedding, class token and positions, then dropout."""
+    x = PatchEmbed(self.patch, self.width, name="embed")(images)
+    return nn.Dropout(self.dropout, deterministic=not train)(x)
+
+  def encode(self, x, *, train: bool, hook: BlockHook = _run_block):
+    """The `depth` blocks (Eq. 2-3). Block l's step is `hook(l, x, block)`; the default
+    is `block(x)`. A variant's hook scores, prunes or mixes around the call."""
+    for l in range(self.depth):
+      block = EncoderBlock(self.heads, int(self.width * self.mlp_ratio), self.qkv_bias,
+                           self.dropout, name=f"block{l}")
+      x = hook(l, x, lambda z, policy=None, block=block: block(z, train=train, policy=policy))
+    return x
+
+  def classify(self, x):
+    """Eq. 4: final LayerNorm, linear head on the class token. Returns (logits, the
+    normalised tokens)."""
+    x = nn.LayerNorm(epsilon=1e-6, name="ln_final")(x)
+    logits = dense.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head")(x[:, 0])
+    return logits, x
+
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    x = PatchEmbed(self.patch, self.width, name="embed")(images)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    for i in range(self.depth):
-      x = EncoderBlock(self.heads, int(self.width * self.mlp_ratio), self.qkv_bias,
-                       self.dropout, name=f"block{i}")(x, train=train)
-    x = nn.LayerNorm(epsilon=1e-6, name="ln_final")(x)
-    return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head")(x[:, 0])
+    x = self.encode(self.embed_patches(images, train=train), train=train)
+    return self.classify(x)[0]
 
 
 Model = ViT

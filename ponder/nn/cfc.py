@@ -34,17 +34,10 @@ Parameter names follow that code: ff1 = W_1, ff2 = W_2, time_a = W_a, time_b = W
 All biases start at 0.0 (neutral: sigma = 0.5 for a zero backbone output), unlike the
 positive bias of the dendritic gate.
 
-What `t` is in DendriticLiquid-ViT. The cell blends each token's state across depth:
-`x` is the new block output for the token, `h` the token's state carried from the
-previous layer, and `t` the elapsed "depth time" over which the state evolves. Two
-choices are natural and both are just values of `t`:
-  * normalised layer time, t = (l + 1) / depth for block l (one scalar per layer):
-    the gate opens further in later layers;
-  * a learned per-token time, e.g. t = importance from `DendriticGate` ([batch,
-    tokens, 1]): important tokens advance further (sigma moves towards its t -> inf
-    limit), unimportant ones stay nearer their t = 0 blend.
-`t` is an input, not a parameter, so the model file decides; it must be >= 0 and
-broadcast against `[..., features]` (a scalar, or `[..., 1]`).
+`t` is an input, not a parameter: the elapsed time over which the state evolves, e.g. a
+normalised layer time t = (l + 1) / depth when the cell carries a token's state across
+the blocks of a Transformer (models/dendritic_liquid_vit.py), or a learned per-token
+time `[..., tokens, 1]`. It must be >= 0 and broadcast against `[..., features]`.
 """
 
 from typing import Callable
@@ -53,6 +46,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ponder import errors
+from ponder.nn import dense
 
 MODES = ("default", "no_gate", "pure")
 
@@ -94,16 +88,16 @@ class CfCCell(nn.Module):
           f"state h has {h.shape[-1]} features but the cell has features={self.features}")
     z = jnp.concatenate([x, h], axis=-1)
     for i in range(self.backbone_layers):
-      z = self.backbone_activation(nn.Dense(self.backbone_units, name=f"backbone{i}")(z))
-    ff1 = nn.Dense(self.features, name="ff1")(z)
+      z = self.backbone_activation(dense.Dense(self.backbone_units, name=f"backbone{i}")(z))
+    ff1 = dense.Dense(self.features, name="ff1")(z)
     if self.mode == "pure":
       w_tau = self.param("w_tau", nn.initializers.zeros, (self.features,))
       a = self.param("A", nn.initializers.ones, (self.features,))
       # Eq. 2 with x_0 = 0: (0 - A) exp(-[w_tau + f] t) f + A, with f = W_1 z.
       return -a * jnp.exp(-t * (jnp.abs(w_tau) + jnp.abs(ff1))) * ff1 + a
-    ff2 = nn.Dense(self.features, name="ff2")(z)
-    time_a = nn.Dense(self.features, name="time_a")(z)
-    time_b = nn.Dense(self.features, name="time_b")(z)
+    ff2 = dense.Dense(self.features, name="ff2")(z)
+    time_a = dense.Dense(self.features, name="time_a")(z)
+    time_b = dense.Dense(self.features, name="time_b")(z)
     sigma = nn.sigmoid(time_a * t + time_b)  # The time-continuous gate of Eq. 10.
     if self.mode == "no_gate":
       return jnp.tanh(ff1) + sigma * jnp.tanh(ff2)

@@ -3,24 +3,18 @@
 Chavlis & Poirazi ("Dendrites endow artificial neural networks with accurate, robust and
 parameter-efficient learning", Nature Communications 2025) give each unit several
 dendritic branches, each a small nonlinear subunit, whose outputs a soma combines.
-DendriticLiquid-ViT borrows the idea to score tokens: every branch is an MLP
-`dim -> hidden_dim -> 1` over the token, the soma takes the max over branches (a token
-is important when any branch finds it so), and a sigmoid turns that into an importance
-in (0, 1):
+Here the idea scores tokens: every branch is an MLP `dim -> hidden_dim -> 1` over the
+token, the soma takes the max over branches (a token is important when any branch finds
+it so), and a sigmoid turns that into an importance in (0, 1):
 
     importance_n = sigmoid(max_k [w_k . act(W_k x_n + b_k) + c_k])
 
-The branch output biases c_k start at +2.0. Since max_k(a_k + 2) = max_k(a_k) + 2, this
-is the seed document's "bias +2.0 after the max": at initialisation every token scores
-about sigmoid(2) = 0.88 or a little more (the max of several zero-mean branches is
-positive on average), so nothing is pruned before the gate has learned anything.
-Keeping that bias inside the branches, not as one extra scalar after the max, is what
-gives the seed's count of 66,052 parameters for dim 256, 4 branches, hidden 64:
-
-    4 x (256 x 64 + 64   +   64 x 1 + 1) = 4 x 16,513 = 66,052
-         (hidden layer)       (output)
-
-(a separate scalar bias after the max would make it 66,053).
+The branch output biases c_k start at `bias_init` (+2.0). Since max_k(a_k + 2) =
+max_k(a_k) + 2, this is a bias of +2 after the max: at initialisation every token
+scores about sigmoid(2) = 0.88 or a little more (the max of several zero-mean branches
+is positive on average), so a gate that prunes starts by keeping nearly everything.
+Keeping that bias inside the branches, not as one extra scalar after the max, gives
+num_branches x (dim x hidden_dim + hidden_dim + hidden_dim + 1) parameters.
 
 Where this differs from the dendritic ANNs of the paper: their branches see restricted,
 sparse receptive fields of the input and feed a learned somatic layer; here every
@@ -39,10 +33,10 @@ class DendriticGate(nn.Module):
   """Token importance in (0, 1) from `num_branches` dendritic MLP branches.
 
   Attributes:
-    num_branches: dendritic branches per layer (the seed uses 4).
-    hidden_dim: width of each branch's hidden layer (the seed uses 64).
+    num_branches: dendritic branches per layer.
+    hidden_dim: width of each branch's hidden layer.
     bias_init: initial value of every branch's output bias, i.e. of the bias added
-      after the max (+2.0 in the seed, importance about 0.88 at initialisation).
+      after the max (+2.0: importance about 0.88 at initialisation).
     activation: the branch nonlinearity (exact GELU, as in `models.vit.MlpBlock`).
 
   Parameters (all branches stored together, one matmul for the hidden layers):

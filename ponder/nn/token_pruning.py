@@ -16,8 +16,7 @@ Training (Sec. 3.2-3.3 of the paper):
     one-hot sample with the straight-through gradient of the soft relaxation, so a
     dropped token stays dropped and the predictor still gets gradients. Annealing the
     Gumbel temperature (`gumbel_temperature`) and a soft warm-up (`use_hard_mask`)
-    are additions of the DendriticLiquid-ViT plan; DynamicViT samples at temperature 1
-    from the start.
+    are not in DynamicViT, which samples at temperature 1 from the start.
   * Attention ignores dropped tokens but every token may attend to itself: with
     P = QK^T / sqrt(C), G_ij = 1 if i = j else D_j (Eq. 7-8) and
     P~_ij = exp(P_ij) G_ij / sum_k exp(P_ik) G_ik (Eq. 9): `attention_policy`,
@@ -28,9 +27,9 @@ Training (Sec. 3.2-3.3 of the paper):
     term is the task's cross-entropy; the paper weights them 2 (ratio), 0.5 (KL) and
     0.5 (token distillation).
 
-Inference (Sec. 3.4): tokens are really removed. `select_tokens` keeps the class token
-and the top `ceil(keep_ratio * (n - 1))` patch tokens by score, a static count, so the
-blocks after it compile to a smaller program.
+Inference (Sec. 3.4): tokens are really removed. `top_index` gives the indices of the
+class token and the top `ceil(keep_ratio * (n - 1))` patch tokens by score, a static
+count, so the blocks after the gather compile to a smaller program.
 """
 
 import functools
@@ -42,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from ponder import errors
+from ponder.nn import dense
 
 KEEP = 1  # Column of the keep logit (pi_{i,1}); column 0 is "drop" (pi_{i,0}).
 
@@ -63,15 +63,15 @@ class TokenPredictor(nn.Module):
     c = self.features or x.shape[-1] // 2
     gelu = functools.partial(nn.gelu, approximate=False)  # As in models.vit.
     z = nn.LayerNorm(epsilon=1e-6, name="ln")(x)
-    z = gelu(nn.Dense(c, name="proj")(z))  # MLP(x), Eq. 1.
+    z = gelu(dense.Dense(c, name="proj")(z))  # MLP(x), Eq. 1.
     # Agg (Eq. 3): the mean over kept patch tokens, weighted by D_hat.
     weights = keep_mask.at[:, 0].set(0.0)[..., None]
     z_global = jnp.sum(z * weights, axis=1, keepdims=True) / jnp.maximum(
         jnp.sum(weights, axis=1, keepdims=True), 1e-6)
     z = jnp.concatenate([z, jnp.broadcast_to(z_global, z.shape)], axis=-1)  # Eq. 4.
-    z = gelu(nn.Dense(c, name="fc1")(z))
-    z = gelu(nn.Dense(max(c // 2, 1), name="fc2")(z))
-    return nn.Dense(2, name="logits")(z)  # Eq. 5 before the softmax.
+    z = gelu(dense.Dense(c, name="fc1")(z))
+    z = gelu(dense.Dense(max(c // 2, 1), name="fc2")(z))
+    return dense.Dense(2, name="logits")(z)  # Eq. 5 before the softmax.
 
 
 def gumbel_temperature(step, *, anneal_steps: int, start: float = 5.0, end: float = 0.1,
@@ -164,19 +164,8 @@ def masked_attention(q, k, v, keep_mask):
   return jnp.einsum("bhqk,bkhd->bqhd", masked_softmax(logits, keep_mask), v)
 
 
-def masked_attention_bias(keep_mask, *, dtype=jnp.float32):
-  """Additive attention bias for a hard mask: 0 where G_ij = 1, a large negative
-  number where G_ij = 0, `[batch, 1, n, n]`.
-
-  For evaluation without gathering (e.g. `flax.linen.dot_product_attention(...,
-  bias=...)`); it carries no gradient to the mask, so training uses `masked_softmax`.
-  """
-  g = attention_policy(keep_mask)
-  return jnp.where(g > 0.5, 0.0, jnp.finfo(dtype).min).astype(dtype)
-
-
 def num_kept(num_tokens: int, keep_ratio: float) -> int:
-  """Patch tokens `select_tokens` keeps out of `num_tokens` (class token included):
+  """Patch tokens `top_index` keeps out of `num_tokens` (class token included):
   ceil(keep_ratio * (num_tokens - 1)), at least 1. A tolerance of 1e-6 keeps
   0.7 * 10 from rounding up to 8."""
   if not 0.0 < keep_ratio <= 1.0:
@@ -186,33 +175,14 @@ def num_kept(num_tokens: int, keep_ratio: float) -> int:
 
 
 def top_index(scores, keep_ratio: float):
-  """Indices `[batch, 1 + k]` of the tokens `select_tokens` keeps: 0 (the class token),
-  then the `k = num_kept(n, keep_ratio)` top-scoring patch tokens in increasing order.
-  `scores` is `[batch, n]`, higher = keep; the class token's score is ignored."""
+  """Indices `[batch, 1 + k]` of the tokens inference keeps: 0 (the class token), then
+  the `k = num_kept(n, keep_ratio)` top-scoring patch tokens in increasing order (their
+  original order). `scores` is `[batch, n]`, higher = keep; the class token's score is
+  ignored. Gather with `jnp.take_along_axis(x, idx[..., None], axis=1)`."""
   k = num_kept(scores.shape[1], keep_ratio)
   _, top = jax.lax.top_k(scores[:, 1:], k)
   idx = jnp.sort(top, axis=-1) + 1
   return jnp.concatenate([jnp.zeros((scores.shape[0], 1), idx.dtype), idx], axis=1)
-
-
-def select_tokens(x, scores, keep_ratio: float):
-  """Inference-time pruning: the class token and the top-scoring patch tokens.
-
-  Args:
-    x: tokens `[batch, n, dim]`, class token first.
-    scores: `[batch, n]`, higher = keep (e.g. the keep logit or probability); the
-      class token's score is ignored.
-    keep_ratio: fraction of the patch tokens to keep; the count
-      `num_kept(n, keep_ratio)` is static.
-
-  Returns:
-    `[batch, 1 + k, dim]`: the class token, then the kept patch tokens in their
-    original order (the tokens at `top_index(scores, keep_ratio)`).
-  """
-  if scores.shape != x.shape[:2]:
-    raise errors.ShapeError(f"scores {scores.shape} must be [batch, n] of x {x.shape}")
-  idx = top_index(scores, keep_ratio)
-  return jnp.take_along_axis(x, idx[..., None], axis=1)
 
 
 def keep_ratio_loss(keep_masks: Sequence, targets: Sequence[float]):

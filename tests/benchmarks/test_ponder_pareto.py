@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from benchmarks import goals
 from benchmarks import ponder_pareto
 from ponder import errors
 from tests.conftest import ROOT, subprocess_env
@@ -75,12 +76,9 @@ def test_adaptive_allocation_costs_and_correlations(run):
                "allocation_signal_vs_hard_fraction"):
     c = a["correlations"][what]
     assert c["n"] > 0 and set(c) == {"spearman", "pearson", "n"}
-  assert result["goal"]["reference_ppl_over_skip"] > 0
-  goal = result["goal"]["by_variant"]["adaptive"]
-  assert goal["passed"] == (goal["ppl_ok"] and goal["inner_flops_ok"] and goal["time_ok"])
-  g = result["goal"]
-  assert g["inner_steps_help"] == (g["reference_ppl_over_skip"] <= 1 / 1.01)
-  assert g["meaningful_pass"] == (g["passed"] and g["inner_steps_help"])
+  # The goal is benchmarks.goals' (tested on known inputs there) of what was measured.
+  assert result["goal"] == goals.ponder_pareto(result["variants"])
+  assert set(result["goal"]["by_variant"]) == {"adaptive"}
 
 
 def test_valid_perplexity_is_the_trainers(run):

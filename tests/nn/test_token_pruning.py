@@ -4,7 +4,6 @@ import functools
 import math
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,15 +189,6 @@ def test_mask_gradient_is_exact_and_finite():
   assert np.all(np.isfinite(np.asarray(grad)))
 
 
-def test_attention_bias_matches_masked_softmax_on_hard_masks():
-  q, k, v = (_normal(s, (B, N, 2, 4)) for s in (9, 10, 11))
-  mask = jnp.ones((B, N)).at[0, 3].set(0.0).at[1, 4:7].set(0.0)
-  expected = jax.jit(tp.masked_attention)(q, k, v, mask)
-  got = jax.jit(lambda q, k, v, m: nn.dot_product_attention(
-      q, k, v, bias=tp.masked_attention_bias(m)))(q, k, v, mask)
-  chex.assert_trees_all_close(got, expected, atol=1e-5)
-
-
 def test_gradient_reaches_the_predictor_through_hard_masks():
   model, params = _predictor()
   x = _normal(12, (B, N, D))
@@ -222,11 +212,16 @@ def test_gradient_reaches_the_predictor_through_hard_masks():
 # Inference gather.
 
 
-def test_select_tokens_keeps_class_token_and_top_scores_in_order():
+def _gather(x, scores, ratio):
+  """The inference gather of models/dendritic_liquid_vit.py."""
+  return jnp.take_along_axis(x, tp.top_index(scores, ratio)[..., None], axis=1)
+
+
+def test_top_index_keeps_class_token_and_top_scores_in_order():
   x = _normal(14, (B, N, D))
   scores = np.array(_normal(15, (B, N)))
   scores[:, 0] = -100.0  # The class token is kept whatever its score.
-  out = tp.select_tokens(x, jnp.asarray(scores), 0.5)
+  out = _gather(x, jnp.asarray(scores), 0.5)
   assert out.shape == (B, 1 + 4, D)
   for b in range(B):
     top = np.sort(np.argsort(-scores[b, 1:])[:4] + 1)
@@ -236,15 +231,15 @@ def test_select_tokens_keeps_class_token_and_top_scores_in_order():
 @pytest.mark.parametrize("ratio,kept", [(0.5, 4), (0.7, 6), (0.3, 3), (1.0, 8), (0.01, 1)])
 def test_kept_count_is_a_static_ceiling(ratio, kept):
   assert tp.num_kept(N, ratio) == kept == max(1, math.ceil(round(ratio * (N - 1), 6)))
-  assert tp.select_tokens(jnp.zeros((1, N, 2)), jnp.zeros((1, N)), ratio).shape[1] == 1 + kept
+  assert tp.top_index(jnp.zeros((1, N)), ratio).shape == (1, 1 + kept)
 
 
-def test_select_tokens_lowers_the_compiled_flops_of_the_next_block():
+def test_pruning_lowers_the_compiled_flops_of_the_next_block():
   n, d = 65, 32
   w1, w2 = _normal(16, (d, 4 * d)), _normal(17, (4 * d, d))
 
   def block_after_pruning(x, scores, ratio):
-    x = tp.select_tokens(x, scores, ratio)
+    x = _gather(x, scores, ratio)
     attn = jax.nn.softmax(x @ jnp.swapaxes(x, 1, 2) / np.sqrt(d), axis=-1) @ x
     return x + attn + jax.nn.gelu(x @ w1) @ w2
 
