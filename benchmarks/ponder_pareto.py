@@ -179,20 +179,12 @@ def variant_config(preset: str, budget: Budget, variant: Variant, data_dir: str 
   return cfg
 
 
-def _flat(tree, prefix="") -> dict:
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
-
-
 def train_or_load(cfg, workdir: str, echo: Callable = print):
   """Trains `cfg` in `workdir` unless a finished run of it is there (resuming an
   unfinished one), then returns (task, params, step, trained_s) of its last checkpoint;
   trained_s is the training wall time of this call (0 when the run was reused)."""
   if os.path.exists(os.path.join(workdir, "config.json")):
-    old = _flat(trainer.load_config(workdir).to_dict())
-    new = _flat(json.loads(cfg.to_json_best_effort()))
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = trainer.config_diff(trainer.load_config(workdir), cfg)
     if changed:
       raise errors.ConfigError(
           f"{workdir} holds a run of another config (differs in {', '.join(changed)}); "

@@ -52,9 +52,14 @@ membrane potentials join the recurrent state. `spike_matmul="packed"` makes thos
 matmuls `ponder.ops.ternary_matmul` on 2-bit codes (inference). The spike parameters
 sit under each projection (`.../key/spike/{alpha, theta}`), so a teacher's checkpoint
 initialises a student: `from_pth(path, spike="ternary")`.
+
+`generate` decodes with the recurrent state: the prompt is prefilled as a sequence,
+then every new token costs one `wkv_step` per layer (O(1) in the length), with the
+sampling of `models.gpt2.sample_logits` (temperature, top-k, top-p).
 """
 
 import dataclasses
+import functools
 import math
 import os
 import pathlib
@@ -69,6 +74,7 @@ import numpy as np
 from flax import traverse_util
 from jax import lax
 
+from models import gpt2
 from ponder import errors
 from ponder.nn import spiking
 
@@ -462,6 +468,68 @@ class RWKV(nn.Module):
           lif={s: jnp.stack(v).astype(state.lif[s].dtype) for s, v in new_lif.items()})
     logits = logits.astype(jnp.float32)
     return (logits, aux) if aux else logits
+
+
+# --- Generation --------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "use_state"))
+def _generate(model, params, prompt, key, *, max_new_tokens, temperature, top_k, top_p,
+              eos_id, use_state):
+  b, p = prompt.shape
+  variables = {"params": params}
+  tokens = jnp.zeros((b, p + max_new_tokens), jnp.int32).at[:, :p].set(prompt)
+  state = None
+  if use_state:
+    state = init_state(model.config, b, model.dtype)
+    if p > 1:  # The last prompt token is fed by the first loop step.
+      state = model.apply(variables, prompt[:, :-1], state=state)[1]["state"]
+
+  def step(i, carry):
+    tokens, state, done = carry
+    if use_state:  # One recurrent step (x.shape[1] == 1 takes wkv_step).
+      last = lax.dynamic_slice_in_dim(tokens, p - 1 + i, 1, axis=1)
+      logits, aux = model.apply(variables, last, state=state)
+      logits, state = logits[:, 0], aux["state"]
+    else:  # Full recomputation: causality makes later (still zero) tokens irrelevant.
+      logits = lax.dynamic_index_in_dim(model.apply(variables, tokens), p - 1 + i, axis=1,
+                                        keepdims=False)
+    new = gpt2.sample_logits(logits, jax.random.fold_in(key, i), temperature=temperature,
+                             top_k=top_k, top_p=top_p)
+    if eos_id is not None:  # After end-of-text a row keeps emitting it.
+      new = jnp.where(done, eos_id, new)
+      done = done | (new == eos_id)
+    return lax.dynamic_update_slice_in_dim(tokens, new[:, None], p + i, axis=1), state, done
+
+  tokens, _, _ = lax.fori_loop(0, max_new_tokens, step,
+                               (tokens, state, jnp.zeros((b,), bool)))
+  return tokens
+
+
+def generate(model: RWKV, params, prompt, *, key: jax.Array, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_id: Optional[int] = None, use_state: bool = True) -> jax.Array:
+  """Continues `prompt` (int [batch, prompt_len], all rows the same length); the API of
+  `models.gpt2.generate`, with the recurrent state in place of the KV cache.
+
+  The prompt but its last token is prefilled as one sequence; then each step feeds one
+  token through the recurrent step and draws the next with
+  `gpt2.sample_logits(..., fold_in(key, i))` (temperature 0 = greedy), so the same key
+  gives the same tokens with or without the state (`use_state=False` recomputes the
+  whole sequence at every step: the reference the state is tested against). There is
+  no length limit (no learned positions). A spiking student decodes the same way (LIF
+  membranes are part of the state).
+
+  Returns:
+    int32 [batch, prompt_len + max_new_tokens]: the prompt followed by new tokens.
+  """
+  prompt = jnp.asarray(prompt, jnp.int32)
+  if prompt.ndim != 2 or prompt.shape[1] < 1:
+    raise errors.ShapeError(f"prompt must be [batch, len >= 1]; got {prompt.shape}.")
+  return _generate(model, params, prompt, key, max_new_tokens=max_new_tokens,
+                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                   eos_id=eos_id, use_state=use_state)
 
 
 # --- Checkpoints in the published key format ---------------------------------------------

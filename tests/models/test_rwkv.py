@@ -362,3 +362,45 @@ def test_spiking_student_gradients_reach_spike_parameters():
   assert len(spike) == 2 * L * 5
   assert all(np.isfinite(np.asarray(g)).all() for g in spike)
   assert sum(float(np.abs(g).sum()) > 0 for g in spike) >= len(spike) - 2
+
+
+# --- Generation --------------------------------------------------------------------------
+
+
+def test_generate_with_state_equals_greedy_recomputation():
+  """Greedy decoding through the recurrent state (WKV state and LIF membranes) picks,
+  token for token, the argmax of the logits that a full forward pass over the sequence
+  so far gives (a fixed zero-padded buffer: causality makes the padding irrelevant, and
+  one compilation serves every step)."""
+  sd = random_state_dict(seed=11)
+  for key in sd:  # Larger mixes of the input so that LIF neurons fire.
+    if key.endswith(("key.weight", "value.weight", "receptance.weight")):
+      sd[key] = 3 * sd[key]
+  model, params = rwkv.from_state_dict(sd, spike="lif")
+  prompt = np.stack([_tokens(4, 12), _tokens(4, 13)])
+  n = 7
+  got = np.asarray(rwkv.generate(model, params, prompt, key=jax.random.key(0),
+                                 max_new_tokens=n, temperature=0.0))
+  np.testing.assert_array_equal(got[:, :4], prompt)
+  full = jax.jit(lambda ids: model.apply({"params": params}, ids))
+  want = np.zeros((2, 4 + n), np.int32)
+  want[:, :4] = prompt
+  for i in range(n):
+    want[:, 4 + i] = np.argmax(np.asarray(full(jnp.asarray(want)))[:, 3 + i], axis=-1)
+    np.testing.assert_array_equal(got[:, :5 + i], want[:, :5 + i], err_msg=f"token {i}")
+  assert len(set(got[:, 4:].ravel().tolist())) > 1  # Not a constant continuation.
+  with pytest.raises(errors.ShapeError, match="prompt"):
+    rwkv.generate(model, params, prompt[0], key=jax.random.key(0), max_new_tokens=2)
+
+
+def test_generate_sampling_with_state_equals_recomputation():
+  """Sampling (temperature, top-k, top-p; token i drawn with fold_in(key, i)) gives the
+  same tokens through the recurrent state as with full recomputation."""
+  model, params = rwkv.from_state_dict(random_state_dict(seed=11))
+  prompt = np.stack([_tokens(4, 12), _tokens(4, 13)])
+  kw = dict(key=jax.random.key(3), max_new_tokens=7, temperature=1.0, top_k=10, top_p=0.9)
+  sampled = rwkv.generate(model, params, prompt, **kw)
+  np.testing.assert_array_equal(sampled,
+                                rwkv.generate(model, params, prompt, use_state=False, **kw))
+  assert not np.array_equal(sampled, rwkv.generate(model, params, prompt,
+                                                   **{**kw, "key": jax.random.key(4)}))
