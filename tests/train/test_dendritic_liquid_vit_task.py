@@ -48,10 +48,9 @@ def test_step_and_keep_ratio_loss_reach_the_model(tmp_path):
   assert set(metrics) >= {"accuracy", "cross_entropy", "keep_ratio_loss", "kept_stage0"}
   expected = metrics["cross_entropy"] + cfg.keep_ratio_weight * metrics["keep_ratio_loss"]
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
-  # The ablation has no step and no extra terms: the plain classification loss.
+  # The ablation has no schedules and no extra terms: the plain classification loss.
   vcfg = _config("fashion_mnist,smoke,variant=dendritic_vit", data)
   vtask = tasks.build(vcfg, mesh_lib.make_mesh())
-  assert not tasks.takes_step(vtask.model)
   _, vmetrics = _loss(vtask, vtask.init(jax.random.key(0)), vtask.train_batch(0),
                       jax.random.key(1))
   assert set(vmetrics) == {"accuracy"}
