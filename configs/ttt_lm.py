@@ -71,7 +71,15 @@ def get_config(arg=None):
       ttt_steps=arg.k,             # k, inner steps per mini-batch in mode "fixed"
       steps_mode=arg.mode,         # fixed (k) | skip (k = 0) | adaptive (PonderTTT)
       ttt_heads=0,                 # TTT heads; 0 = n_head
-      ttt_eta_base=1.0,            # base inner learning rate (divided by head_dim)
+      ttt_base_lr=0.0,             # base inner learning rate eta_base (/ head_dim); 0 = code's: linear 1, mlp 0.1
+      ttt_base_lr_init=-1.0,       # its warm-up start; < 0 = code's: mlp 0.01, linear none
+      ttt_base_lr_warmup=0.1,      # warm-up length as a fraction of total_steps (code: 480 / 4800)
+      ttt_token_idx="inverse",     # row scale of a token's prefix update: inverse (1/i, code) | none (sum, paper)
+      ttt_learnable_token_idx=True,  # learned offset on that scale per position (code)
+      ttt_loss_scale=0.5,          # inner loss c ||.||^2: 0.5 (code) | 1 (paper)
+      ttt_rope=True,               # RoPE on TTT's Q/K views at positions mod mini-batch (code)
+      ttt_backbone="T",            # TTT layer of the T (Transformer) | M (Mamba: conv Q/K, gate) backbone
+      attn_window=0,               # sliding-window attention over the last N positions; 0 = full causal
       ttt_allowed_steps=(0, 1, 2, 4),  # k values a per-mini-batch steps array may hold
       ponder_buckets=(1, 2, 4),    # adaptive: k of each difficulty bucket (easy -> hard)
       ponder_target=(0.3, 0.4, 0.3),  # adaptive: fraction of mini-batches per bucket

@@ -228,12 +228,18 @@ def build_classification(cfg: ml_collections.ConfigDict, mesh,
   )
 
 
-def lm_loss(params, batch, key, *, model, train: bool, step=None):
-  """Mean next-token NLL over a batch of (seq_len + 1)-token windows."""
-  del step  # No schedule in the language models reads it.
+def lm_loss(params, batch, key, *, model, train: bool, step=None,
+            total_steps: Optional[int] = None):
+  """Mean next-token NLL over a batch of (seq_len + 1)-token windows.
+
+  TTT LMs get the warm-up multiplier of their inner learning rate at `step`
+  (`ttt_lm.ttt_lr_mult`, over `total_steps`)."""
   tokens = batch["tokens"]
+  extra = {}
+  if isinstance(model, ttt_lm.TTTLM) and step is not None and total_steps:
+    extra["ttt_lr_mult"] = ttt_lm.ttt_lr_mult(model.config, step, total_steps)
   logits = model.apply({"params": params}, tokens[:, :-1], train=train,
-                       rngs={"dropout": key})
+                       rngs={"dropout": key}, **extra)
   return lm.token_nll(logits, tokens[:, 1:]).mean(), {}
 
 
@@ -319,7 +325,8 @@ def build_synthetic_lm(cfg: ml_collections.ConfigDict, mesh) -> Task:
 
   return Task(model=model, init=init, train_batch=train_batch, eval_batches=eval_batches,
               test_batches=functools.partial(eval_batches, "test"),
-              loss_fn=functools.partial(lm_loss, model=model),
+              loss_fn=functools.partial(lm_loss, model=model,
+                                        total_steps=cfg.trainer.total_steps),
               eval_fn=functools.partial(synthetic_lm_eval, model=model),
               summarize=synthetic_lm_summary, select=("nll", "min"))
 
@@ -368,7 +375,8 @@ def build_language_model(cfg: ml_collections.ConfigDict, mesh) -> Task:
                                                    batch_size=bs, seq_len=seq),
       eval_batches=functools.partial(windows, eval_tokens),
       test_batches=None if test_tokens is None else functools.partial(windows, test_tokens),
-      loss_fn=functools.partial(lm_loss, model=model),
+      loss_fn=functools.partial(lm_loss, model=model,
+                                total_steps=cfg.trainer.total_steps),
       eval_fn=functools.partial(lm_eval, model=model),
       summarize=lm.summarize,
       select=("nll", "min"),

@@ -9,52 +9,73 @@ paper's notation (row vectors here, so a linear map is x W):
                 g = x W1 + b1 (TTT-Linear) or GELU(x W1 + b1) W2 + b2 (TTT-MLP,
                 hidden width 4 x head_dim); LN has its own learned scale and bias,
                 which are outer parameters: the inner loop never changes them.
-  inner loss    l(W; x_t) = || f(theta_K x_t; W) - theta_V x_t ||^2     (Sec. 2.3)
+  inner loss    l(W; x_t) = c || f(theta_K x_t; W) - theta_V x_t ||^2   (Sec. 2.3)
                 the multi-view reconstruction loss that replaces the naive
                 || f(x~_t; W) - x_t ||^2 of Eq. 2. Because f contains the residual,
                 LN(g(theta_K x_t)) regresses theta_V x_t - theta_K x_t ("XV - XK" in
                 the public code); the "grad" form below writes the loss with f and
                 the residual, the "dual" form with that difference as the target.
-                The squared norm has no 1/2, as in the paper (its dual form has 2 eta).
+                `loss_scale` c: 0.5 (default) is the public code, whose gradient is
+                grad_l_wrt_ttt_norm_out = LN(.) - target, that of 1/2 ||.||^2; 1 is
+                the paper's ||.||^2 (its dual form has 2 eta).
   output rule   z_t = f(theta_Q x_t; W_t)                                (Sec. 2.3)
                 the query view through the inner model with the *updated* weights;
                 f already contains the residual, so z_t = theta_Q x_t + LN(g(theta_Q
                 x_t; W_t)) and theta_Q x_t is not added a second time.
   update rule   W_t = W_{t-1} - eta grad l(W_{t-1}; x_t)                 (Eq. 1)
-  mini-batch    G_t = grad l(W_t'; x_t),  t' = t - mod(t, b)             (Sec. 2.4)
-                W_t = W_t' - sum_{s=t'+1..t} eta_s G_s: every token of a mini-batch
-                of b tokens takes its gradient at the W of the mini-batch's start and
-                sees the cumulative update of the tokens up to itself; the last
-                token's W starts the next mini-batch.
   learning rate eta(x) = eta_base sigmoid(theta_lr . x + bias) / head_dim (Sec. 2.7;
                 one theta_lr per head; the division by head_dim is the public code's).
+
+Per mini-batch (tokens i = 1..b of a mini-batch starting at W_0 := the previous
+mini-batch's last W; row vectors; G_s = grad_W l(W_0; x_s)):
+  paper (Sec. 2.4, Eq. 6 and the dual form of Sec. 2.5):
+      W_i = W_0 - eta sum_{s <= i} G_s,    z_i = f(theta_Q x_i; W_i)
+  public code (TTTLinearBase.process_mini_batch, get_eta):
+      eta[i, s] = ttt_base_lr * tau_i * sigmoid(theta_lr . x_s + bias) / head_dim,
+      tau_i     = max(0, 1 / i + learnable_token_idx_i)        (token_idx, clipped)
+      W_i       = W_0 - sum_{s <= i} eta[i, s] G_s      (G_s of 1/2 ||.||^2)
+      so with learnable_token_idx = 0 token i uses the *mean* of its prefix's rates-
+      weighted gradients; the next mini-batch starts from W_b (row i = b, tau_b = 1/b).
+      Dual form, TTT-Linear, with Z_K = X_K W_0 + b_0 and D = dl/dZ_K (rows D_s):
+        Z_Q = X_Q W_0 + b_0 - (eta o tril(X_Q X_K^T + 1)) D,
+        W_b = W_0 - X_K^T (eta[b, :]^T o D),  b_b = b_0 - sum_s eta[b, s] D_s.
+ponder implements the code's eta[i, s] = tau_i eta_s with
+  `token_idx`            "inverse" (default: tau_i = 1 / i, the code) or "none" (tau_i = 1,
+                         the paper's sum); the layer adds a learned offset per position
+                         (`learnable_token_idx`, default on as in the code, init 0)
+                         and clips tau at 0;
+  `loss_scale`           c above, 0.5 (code) or 1 (paper).
+With token_idx="none", loss_scale=1 this is the paper's rule (the previous ponder
+default); the code's rule makes row i's step 1 / (2 i) times that one.
 
 The paper's mini-batch rule is one gradient step. ponder adds k inner steps per
 mini-batch (PonderTTT's Fixed-1/2/4 and its adaptive allocation), defined so that the
 layer stays causal and k = 1 is exactly the rule above: token t's fast weights are W_t'
 after k gradient steps on the causal prefix of the mini-batch's loss,
 
-  W_t^(0) = W_t',   W_t^(j) = W_t^(j-1) - grad_W sum_{s=t'+1..t} eta_s^(j) l(W; x_s)
+  W_t^(0) = W_t',   W_t^(j) = W_t^(j-1) - tau_t grad_W sum_{s=t'+1..t} eta_s^(j) l(W; x_s)
                                                       evaluated at W = W_t^(j-1),
 
   z_t = f(theta_Q x_t; W_t^(k)), and the next mini-batch starts from the last token's
 W^(k): k full gradient steps on the mini-batch's loss, each at the current W. At j = 1
-all W_t^(0) are equal, which is the paper's G_s = grad l(W_t'; x_s). k = 0 (SKIP) makes
-no update: the outputs use W_t' and the state passes through unchanged. Per-token
-steps k_s set eta_s^(j) = eta_s [j <= k_s]: a token's loss takes part in its first k_s
-steps only.
+all W_t^(0) are equal, which is the rule above (G_s = grad l(W_t'; x_s)). k = 0 (SKIP)
+makes no update: the outputs use W_t' and the state passes through unchanged.
+Per-token steps k_s set eta_s^(j) = eta_s [j <= k_s]: a token's loss takes part in its
+first k_s steps only. (tau_t is the row scale of `token_idx`; c of `loss_scale` sits in l.)
 
 Two forms compute the same thing:
   "grad"  the reference (the paper's primal form): `jax.grad` of the inner loss, with
           one weight copy per token of the mini-batch (any inner model).
   "dual"  TTT-Linear only, the paper's dual form (Sec. 2.5): no per-token weight or
-          gradient is materialised. With Delta the rows eta_s dl/dz_s and
-          A = X_K X_K^T + 1 (the +1 carries the bias b1),
-            Z_Q = X_Q W + b1 - mask(X_Q X_K^T + 1) Delta,   W_b = W - X_K^T Delta,
+          gradient is materialised. With Delta the rows eta_s dl/dz_s,
+          A = X_K X_K^T + 1 (the +1 carries the bias b1) and T = diag(tau),
+            Z_Q = X_Q W + b1 - T mask(X_Q X_K^T + 1) Delta,
+            W_b = W - tau_b X_K^T Delta,
           the paper's Z = W_0 X - 2 eta (W_0 X - X) mask(X^T X) with LN and bias. For
           k >= 2 the prefix trajectories differ per token; the dual form keeps
           Z[t, s] = x_s W_t^(j) + b_t^(j) ([b, b, head_dim]) and updates it with
-          Z[t, s] -= sum_r A[s, r] Delta[t, r], so still no weight is copied per token.
+          Z[t, s] -= sum_r A[s, r] Delta[t, r] (tau_t inside Delta[t, r]), so still no
+          weight is copied per token.
 
 The outer gradient flows through all inner updates (second order through `jax.grad`),
 and train and eval run the same inner loop: the paper updates W at test time exactly
@@ -65,8 +86,22 @@ as in training. Three entry points choose the number of inner steps:
   `ttt_scan_per_token`  k_t per token, as a mask on the loss of a fixed number of steps.
 `inner_flops_per_token` is their analytic FLOP count, tested against XLA's count.
 `TTTLayer` is the flax.linen layer: projections theta_Q/K/V, eta, the inner loop per
-head, a LayerNorm and the output projection, like the public TTT layer without the
-Mamba-backbone extras (causal convolution, RoPE, output gate) that belong to a model.
+head, a LayerNorm and the output projection, as the public TTT layer, with its options:
+  rope=True            RoPE on theta_Q x and theta_K x per head, at positions modulo
+                       the mini-batch (`apply_rope`; the code's get_ttt_inputs);
+  backbone="T"|"M"     "T": the Transformer backbone's layer (TTTLinearBase/TTTMLPBase);
+                       "M": the Mamba backbone's (TTTLinear/TTTMLP, the code's
+                       `ttt_linear`): one shared projection x W_qk, then a causal
+                       depthwise convolution of width 4 each for the Q and K views
+                       (conv_q, conv_k), and the output gate gelu(x W_g) * post_norm(z)
+                       before theta_O. (The code's M model also puts a residual
+                       convolution block before the sequence block, `pre_conv`; that
+                       is a block's, not the layer's, and is not here.)
+  eta_base, lr_mult    ttt_base_lr and the training-step multiplier of its warm-up
+                       (the code: TTT-MLP 0.1 from 0.01 over the first 10% of steps).
+The layer also decodes one token at a time from a recurrent state (`init_decode_state`):
+W after the last full mini-batch, the pending partial mini-batch's views and the last
+conv_width - 1 rows the convolutions read; see `TTTLayer.__call__`.
 """
 
 import functools
@@ -85,6 +120,40 @@ FORMS = ("grad", "dual")
 ALLOWED_STEPS = (0, 1, 2, 4)  # PonderTTT's SKIP and Fixed-1/2/4.
 LN_EPS = 1e-6  # The public TTT code's epsilon for the inner LayerNorm.
 MLP_RATIO = 4  # TTT-MLP: hidden width 4 x head_dim, then GELU (Sec. 2.7).
+TOKEN_IDX = ("inverse", "none")  # tau_i = 1 / i (the public code) or 1 (the paper).
+BACKBONES = ("T", "M")  # The paper's Transformer and Mamba backbones' TTT layers.
+LOSS_SCALE = 0.5  # The public code's 1/2 ||.||^2; the paper's ||.||^2 is 1.
+ROPE_THETA = 10000.0  # The public code's rope_theta.
+CONV_WIDTH = 4  # The public code's conv_width (M backbone).
+BASE_LR = {"linear": 1.0, "mlp": 0.1}  # The public code's ttt_base_lr per inner model.
+
+
+def token_scale(mini_batch: int, token_idx: str = "inverse", offset=None) -> jax.Array:
+  """tau [mini_batch]: row i's multiplier of its prefix's summed update (module
+  docstring): 1 / i ("inverse", the code) or 1 ("none", the paper), plus `offset` (the
+  layer's learnable_token_idx), clipped at 0 as in the code."""
+  if token_idx not in TOKEN_IDX:
+    raise errors.unknown_key("token_idx", token_idx, TOKEN_IDX)
+  tau = jnp.ones((mini_batch,), jnp.float32)
+  if token_idx == "inverse":
+    tau = 1.0 / jnp.arange(1, mini_batch + 1, dtype=jnp.float32)
+  if offset is None:
+    return tau
+  return jnp.maximum(tau + offset, 0.0)
+
+
+def apply_rope(x, positions, theta: float = ROPE_THETA):
+  """RoPE (Su et al. 2021) on x [..., seq, head_dim] at integer positions [seq]: feature
+  pairs (2m, 2m + 1) rotate by positions * theta^(-2m / head_dim), the public code's
+  `apply_rotary_emb` (pairs as complex numbers) written with cos and sin."""
+  dim = x.shape[-1]
+  if dim % 2:
+    raise errors.ShapeError(f"RoPE needs an even head_dim, got {dim}.")
+  freqs = theta ** (-np.arange(0, dim, 2, dtype=np.float32) / dim)
+  angles = jnp.asarray(positions, jnp.float32)[:, None] * freqs
+  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  even, odd = x[..., 0::2], x[..., 1::2]
+  return jnp.stack([even * cos - odd * sin, even * sin + odd * cos], -1).reshape(x.shape)
 
 
 def _layer_norm(z, scale, bias):
@@ -126,12 +195,13 @@ def init_inner_params(key, num_heads: int, head_dim: int, *, kind: str,
   return params
 
 
-def _mini_batch_grad(state, xq, xk, xv, etas, ln_scale, ln_bias, *, kind):
-  """One head, one mini-batch, by `jax.grad` (the primal form). etas: [k, b]."""
+def _mini_batch_grad(state, xq, xk, xv, etas, tau, ln_scale, ln_bias, *, kind):
+  """One head, one mini-batch, by `jax.grad` (the primal form). etas: [k, b], tau: [b]."""
   if etas.shape[0] == 0:  # SKIP: no update, the outputs read the mini-batch's start W.
     return inner_model(state, xq, ln_scale, ln_bias, kind=kind), state
   b = xk.shape[0]
-  causal = jnp.tril(jnp.ones((b, b), xk.dtype))  # [t, s] = 1 where s <= t.
+  # [t, s] = tau_t where s <= t: row t's update is tau_t times its prefix's sum.
+  causal = tau[:, None].astype(xk.dtype) * jnp.tril(jnp.ones((b, b), xk.dtype))
   # Row t is token t's fast weights W_t^(j); all start at W_t' (Sec. 2.4).
   per_token = jax.tree.map(lambda w: jnp.broadcast_to(w, (b,) + w.shape), state)
   prefix_grad = jax.vmap(jax.grad(functools.partial(inner_loss, kind=kind)),
@@ -144,15 +214,17 @@ def _mini_batch_grad(state, xq, xk, xv, etas, ln_scale, ln_bias, *, kind):
   return z, jax.tree.map(lambda w: w[-1], per_token)
 
 
-def _mini_batch_dual(state, xq, xk, xv, etas, ln_scale, ln_bias):
-  """One head, one mini-batch of TTT-Linear in the dual form (Sec. 2.5). etas: [k, b]."""
+def _mini_batch_dual(state, xq, xk, xv, etas, tau, ln_scale, ln_bias):
+  """One head, one mini-batch of TTT-Linear in the dual form (Sec. 2.5). etas: [k, b],
+  tau: [b]."""
   w, bias = state["W1"], state["b1"]
   zq = xq @ w + bias
   num_steps = etas.shape[0]
   if num_steps == 0:
     return xq + _layer_norm(zq, ln_scale, ln_bias), state
   b = xk.shape[0]
-  causal = jnp.tril(jnp.ones((b, b), xk.dtype))
+  tau = tau.astype(xk.dtype)
+  causal = tau[:, None] * jnp.tril(jnp.ones((b, b), xk.dtype))  # tau_t [s <= t]
   target = xv - xk  # LN(g(theta_K x)) regresses theta_V x - theta_K x (residual in f).
 
   def weighted_dl_dz(z, weights):
@@ -165,7 +237,7 @@ def _mini_batch_dual(state, xq, xk, xv, etas, ln_scale, ln_bias):
   delta = weighted_dl_dz(z1, etas[0])  # [b, d]: every token at the shared start W.
   aq = xq @ xk.T + 1.0
   zq = zq - (causal * aq) @ delta
-  last = delta  # Token b's accumulated update: the state for the next mini-batch.
+  last = tau[-1] * delta  # Token b's accumulated update: the next mini-batch's state.
   if num_steps > 1:
     a = xk @ xk.T + 1.0
     # z[t, s] = x_s W_t^(1) + b_t^(1): token s's prediction under token t's weights.
@@ -198,25 +270,38 @@ def _check(xq, mini_batch, kind, form):
         "after a token never changes its output) or choose another mini_batch.")
 
 
-def _mini_batch_step(kind, form, num_steps, ln_scale, ln_bias):
+def _mini_batch_step(kind, form, num_steps, ln_scale, ln_bias, tau):
   """(state, (q, k, v, etas)) -> (state, z) over [batch, heads] for a static k.
 
-  etas [batch, heads, 1 or k, b]: one learning rate per token, or one per step.
+  etas [batch, heads, 1 or k, b]: one learning rate per token, or one per step; tau [b]
+  the row scales (`token_scale`), shared by the batch and the heads as in the code.
   """
   if form == "grad":
     core = functools.partial(_mini_batch_grad, kind=kind)
   else:
     core = _mini_batch_dual
   # Heads carry their own state, views and LN; the batch shares the LN parameters.
-  per_batch = jax.vmap(jax.vmap(core), in_axes=(0, 0, 0, 0, 0, None, None))
+  per_head = jax.vmap(core, in_axes=(0, 0, 0, 0, 0, None, 0, 0))
+  per_batch = jax.vmap(per_head, in_axes=(0, 0, 0, 0, 0, None, None, None))
 
   def step(state, mb):
     q, k, v, etas = mb
     etas = jnp.broadcast_to(etas, etas.shape[:-2] + (num_steps, etas.shape[-1]))
-    z, state = per_batch(state, q, k, v, etas, ln_scale, ln_bias)
+    z, state = per_batch(state, q, k, v, etas, tau, ln_scale, ln_bias)
     return state, z
 
   return step
+
+
+def _tau(token_idx, mini_batch):
+  """token_idx: "inverse" | "none" | an array [mini_batch] of row scales tau."""
+  if isinstance(token_idx, str):
+    return token_scale(mini_batch, token_idx)
+  tau = jnp.asarray(token_idx)
+  if tau.shape != (mini_batch,):
+    raise errors.ShapeError(f"token_idx as an array must be [mini_batch] = "
+                            f"({mini_batch},), got {tau.shape}.")
+  return tau
 
 
 def _scan(step, state, xq, xk, xv, etas, mini_batch, index=None):
@@ -241,7 +326,8 @@ def _scan(step, state, xq, xk, xv, etas, mini_batch, index=None):
 
 
 def ttt_scan(state, xq, xk, xv, eta, ln_scale, ln_bias, *, kind: str = "linear",
-             form: str = "grad", mini_batch: int = 16, steps: int = 1):
+             form: str = "grad", mini_batch: int = 16, steps: int = 1,
+             token_idx: Union[str, jax.Array] = "inverse", loss_scale: float = LOSS_SCALE):
   """TTT over a sequence with a static number of inner steps per mini-batch.
 
   Args:
@@ -254,6 +340,10 @@ def ttt_scan(state, xq, xk, xv, eta, ln_scale, ln_bias, *, kind: str = "linear",
     kind: "linear" or "mlp". form: "grad" (any kind) or "dual" (TTT-Linear).
     mini_batch: b, the tokens per inner mini-batch (Sec. 2.4).
     steps: k >= 0, the inner gradient steps per mini-batch (0 = SKIP).
+    token_idx: the row scales tau of the module docstring: "inverse" (1 / i, the public
+      code), "none" (1, the paper) or an array [mini_batch] (the layer's, with its
+      learned offset).
+    loss_scale: c of the inner loss c ||.||^2: 0.5 (the public code) or 1 (the paper).
 
   Returns:
     z [batch, heads, seq, head_dim] (the output rule) and the state after the last
@@ -263,8 +353,10 @@ def ttt_scan(state, xq, xk, xv, eta, ln_scale, ln_bias, *, kind: str = "linear",
   if not isinstance(steps, (int, np.integer)) or steps < 0:
     raise errors.ConfigError(f"steps must be a non-negative Python int, got {steps!r}; "
                              "use ttt_scan_switch or ttt_scan_per_token for arrays.")
-  step = _mini_batch_step(kind, form, int(steps), ln_scale, ln_bias)
-  return _scan(step, state, xq, xk, xv, eta[:, :, None, :], mini_batch)
+  step = _mini_batch_step(kind, form, int(steps), ln_scale, ln_bias,
+                          _tau(token_idx, mini_batch))
+  # c ||.||^2 at rate eta steps as ||.||^2 at rate c eta: c goes into the rates.
+  return _scan(step, state, xq, xk, xv, loss_scale * eta[:, :, None, :], mini_batch)
 
 
 def inner_loss_by_step(state, xk, xv, eta, ln_scale, ln_bias, *, kind: str = "linear",
@@ -280,8 +372,9 @@ def inner_loss_by_step(state, xk, xv, eta, ln_scale, ln_bias, *, kind: str = "li
 
   Args: state W_0 per head ({"W1", "b1"}, ... each [heads, ...]: the layer's
   ttt_state); xk, xv [batch, heads, seq, head_dim] and eta [batch, heads, seq] (the
-  layer's views: `TTTLayer` sows them as intermediates "views"); ln_scale, ln_bias
-  [heads, head_dim].
+  layer's views: `TTTLayer` sows them as intermediates "views", with eta the weight
+  c tau_b eta_s of each token's ||.||^2 in the last token's update, so that this
+  follows the layer's token_idx and loss_scale); ln_scale, ln_bias [heads, head_dim].
   """
   batch, heads, seq, dim = xk.shape
   n = seq // mini_batch
@@ -313,7 +406,9 @@ def _concrete(x) -> Optional[np.ndarray]:
 
 def ttt_scan_switch(state, xq, xk, xv, eta, ln_scale, ln_bias, steps, *,
                     kind: str = "linear", form: str = "grad", mini_batch: int = 16,
-                    allowed_steps: Sequence[int] = ALLOWED_STEPS):
+                    allowed_steps: Sequence[int] = ALLOWED_STEPS,
+                    token_idx: Union[str, jax.Array] = "inverse",
+                    loss_scale: float = LOSS_SCALE):
   """TTT with k chosen per mini-batch by a (traced) int array `steps` [seq / mini_batch].
 
   Each mini-batch runs `lax.switch` over one branch per value of `allowed_steps`, each
@@ -335,18 +430,22 @@ def ttt_scan_switch(state, xq, xk, xv, eta, ln_scale, ln_bias, steps, *,
     raise errors.ConfigError(f"steps {values.tolist()} contain values outside "
                              f"allowed_steps {allowed}.")
   index = jnp.argmax(steps[:, None] == jnp.asarray(allowed)[None, :], axis=1)
-  branches = [_mini_batch_step(kind, form, k, ln_scale, ln_bias) for k in allowed]
+  tau = _tau(token_idx, mini_batch)
+  branches = [_mini_batch_step(kind, form, k, ln_scale, ln_bias, tau) for k in allowed]
 
   def step(state, mb):
     i, mb = mb
     return lax.switch(i, branches, state, mb)
 
-  return _scan(step, state, xq, xk, xv, eta[:, :, None, :], mini_batch, index=index)
+  return _scan(step, state, xq, xk, xv, loss_scale * eta[:, :, None, :], mini_batch,
+               index=index)
 
 
 def ttt_scan_per_token(state, xq, xk, xv, eta, ln_scale, ln_bias, token_steps, *,
                        kind: str = "linear", form: str = "grad", mini_batch: int = 16,
-                       max_steps: int = max(ALLOWED_STEPS)):
+                       max_steps: int = max(ALLOWED_STEPS),
+                       token_idx: Union[str, jax.Array] = "inverse",
+                       loss_scale: float = LOSS_SCALE):
   """TTT with k_t per token: `max_steps` steps per mini-batch, token t's loss masked out
   of every step after its first k_t = token_steps[batch, t] (in [0, max_steps]).
 
@@ -364,8 +463,9 @@ def ttt_scan_per_token(state, xq, xk, xv, eta, ln_scale, ln_bias, token_steps, *
                              f"[{values.min()}, {values.max()}].")
   # eta_t^(j) = eta_t [j <= k_t] for steps j = 1..max_steps: [batch, heads, k, seq].
   active = token_steps[:, None, None, :] > jnp.arange(max_steps)[:, None]
-  etas = eta[:, :, None, :] * active.astype(eta.dtype)
-  step = _mini_batch_step(kind, form, max_steps, ln_scale, ln_bias)
+  etas = loss_scale * eta[:, :, None, :] * active.astype(eta.dtype)
+  step = _mini_batch_step(kind, form, max_steps, ln_scale, ln_bias,
+                          _tau(token_idx, mini_batch))
   return _scan(step, state, xq, xk, xv, etas, mini_batch)
 
 
@@ -424,30 +524,69 @@ def inner_flops_per_token(steps: int, head_dim: int, *, kind: str = "linear",
   return flops
 
 
+class CausalConv(nn.Module):
+  """Causal depthwise convolution over the sequence (the code's nn.Conv with padding
+  "CAUSAL" and feature_group_count = features, same parameter shapes and init):
+  y_t = sum_{i < w} kernel[i] * x_{t - w + 1 + i} + bias, with `prefix` [batch, w - 1,
+  features] the inputs before x (zeros at a sequence's start; a decoder's state)."""
+  width: int = CONV_WIDTH
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, prefix=None):
+    features = x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.width, 1, features))
+    bias = self.param("bias", nn.initializers.zeros, (features,))
+    if prefix is None:
+      prefix = jnp.zeros(x.shape[:1] + (self.width - 1, features), x.dtype)
+    padded = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)
+    t = x.shape[1]
+    y = sum(padded[:, i:i + t] * kernel[i, 0].astype(x.dtype) for i in range(self.width))
+    return y + bias.astype(x.dtype)
+
+
 class TTTLayer(nn.Module):
   """A TTT layer (Sec. 2): [batch, seq, width] -> [batch, seq, width], causal.
 
-  Per head of head_dim = width / num_heads: the views theta_Q x, theta_K x, theta_V x,
-  the learning rate eta(x) = eta_base sigmoid(theta_lr . x + bias) / head_dim, the inner
-  loop over mini-batches (`ttt_scan*`) from a learned W_0, then a LayerNorm over the
-  concatenated heads and the output projection theta_O (the public layer's post_norm and
-  wo). The sequence length must be a multiple of `mini_batch` (a ShapeError, a
-  ValueError, says how to pad otherwise).
+  Per head of head_dim = width / num_heads: the views theta_Q x, theta_K x, theta_V x
+  (RoPE on Q and K; with backbone "M" one shared projection, then conv_q and conv_k),
+  the learning rate eta(x) = eta_base lr_mult sigmoid(theta_lr . x + bias) / head_dim,
+  the row scales tau (`token_idx` + learnable_token_idx), the inner loop over
+  mini-batches (`ttt_scan*`) from a learned W_0, then a LayerNorm over the concatenated
+  heads (post_norm), the gate gelu(x W_g) * (.) for "M", and theta_O (wo). The sequence
+  length must be a multiple of `mini_batch` (a ShapeError, a ValueError, says how to
+  pad otherwise).
 
   `steps` in `__call__`: None uses `self.steps`; an int is a static k; an int array
   [seq / mini_batch] picks k per mini-batch among `allowed_steps` (`lax.switch`, shared
   by the batch); an int array [batch, seq] gives k_t per token (loss masking over
   max(allowed_steps) steps). `train` changes nothing: the paper runs the same inner loop
   in training and evaluation; it is there so models pass it to every block alike.
+  `lr_mult` multiplies eta_base (the code's ttt_lr_mult warm-up; a traced scalar is fine).
+
+  Decoding: `decode_state` (from `init_decode_state`) and `position` (the int32 index of
+  the token) with x [batch, 1, width] return (y, new_state). The token's views go into
+  the pending mini-batch's slot position % mini_batch; the mini-batch step runs on the
+  pending buffer from W (the state after the last full mini-batch; slots after the token
+  hold stale or zero views, which the causal mini-batch rule never reads for this slot),
+  and when the slot is the last, W becomes the mini-batch's final state. A static int k
+  only; the outputs equal the full-sequence pass's.
   """
   width: int
   num_heads: int
   kind: str = "linear"
   mini_batch: int = 16
   form: str = "grad"
-  eta_base: float = 1.0
+  eta_base: Optional[float] = None  # ttt_base_lr; None = BASE_LR[kind] (the code's).
   steps: int = 1
   allowed_steps: Sequence[int] = ALLOWED_STEPS
+  token_idx: str = "inverse"  # tau_i = 1 / i (code) | "none": 1 (paper).
+  learnable_token_idx: bool = True  # Learned offset on tau per position (code).
+  loss_scale: float = LOSS_SCALE  # c of c ||.||^2: 0.5 (code) | 1 (paper).
+  rope: bool = True  # RoPE on the Q and K views, positions modulo mini_batch (code).
+  rope_theta: float = ROPE_THETA
+  backbone: str = "T"  # "T" (Transformer) | "M" (Mamba: conv on Q/K, output gate).
+  conv_width: int = CONV_WIDTH  # Width of conv_q / conv_k (backbone "M").
   init_std: float = 0.02  # N(0, std) for projections, theta_lr and W_0 (public code).
   # N(0, std) for theta_O. The post_norm before it makes z unit-scale, so at 0.02 the
   # branch starts ~0.02 sqrt(width) per unit, far above a GPT-2 residual stream's: models
@@ -455,16 +594,34 @@ class TTTLayer(nn.Module):
   out_init_std: float = 0.02
   dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, *, steps: Union[None, int, jax.Array] = None, train: bool):
-    del train  # The inner loop is the same in training and evaluation (see above).
+  def validate(self):
     if self.width % self.num_heads:
       raise errors.ConfigError(f"width={self.width} is not divisible by "
                                f"num_heads={self.num_heads}.")
+    if self.token_idx not in TOKEN_IDX:
+      raise errors.unknown_key("token_idx", self.token_idx, TOKEN_IDX)
+    if self.backbone not in BACKBONES:
+      raise errors.unknown_key("TTT backbone", self.backbone, BACKBONES)
+    if self.rope and (self.width // self.num_heads) % 2:
+      raise errors.ConfigError(f"rope=True needs an even head_dim, got "
+                               f"{self.width // self.num_heads}; set rope=False.")
+
+  @property
+  def base_lr(self) -> float:
+    return BASE_LR[self.kind] if self.eta_base is None else float(self.eta_base)
+
+  @nn.compact
+  def __call__(self, x, *, steps: Union[None, int, jax.Array] = None, train: bool,
+               lr_mult=1.0, decode_state: Optional[dict] = None, position=None):
+    del train  # The inner loop is the same in training and evaluation (see above).
+    self.validate()
     if x.ndim != 3 or x.shape[-1] != self.width:
       raise errors.ShapeError(f"expected [batch, seq, {self.width}], got {x.shape}.")
     batch, seq, _ = x.shape
-    heads, head_dim = self.num_heads, self.width // self.num_heads
+    heads, head_dim, mb = self.num_heads, self.width // self.num_heads, self.mini_batch
+    decoding = decode_state is not None
+    if decoding and seq != 1:
+      raise errors.ShapeError(f"decoding takes one token at a time, got seq={seq}.")
     init = nn.initializers.normal(self.init_std)
     dense = functools.partial(nn.Dense, self.width, use_bias=False, kernel_init=init,
                               dtype=self.dtype)
@@ -472,29 +629,88 @@ class TTTLayer(nn.Module):
     def split_heads(y):  # [batch, seq, width] -> [batch, heads, seq, head_dim]
       return y.reshape(batch, seq, heads, head_dim).transpose(0, 2, 1, 3)
 
-    xq, xk, xv = (split_heads(dense(name=n)(x)) for n in ("wq", "wk", "wv"))
+    new_state = {}
+    if self.backbone == "T":
+      xq, xk = dense(name="wq")(x), dense(name="wk")(x)
+    else:  # The code's TTTLinear/TTTMLP: conv_q and conv_k on one projection.
+      xqk = dense(name="wq")(x)
+      prefix = decode_state["conv"] if decoding else None
+      conv = functools.partial(CausalConv, self.conv_width, self.dtype)
+      xq, xk = conv(name="conv_q")(xqk, prefix), conv(name="conv_k")(xqk, prefix)
+      if decoding:
+        new_state["conv"] = jnp.concatenate([prefix, xqk.astype(prefix.dtype)],
+                                            axis=1)[:, 1:]
+    xq, xk, xv = split_heads(xq), split_heads(xk), split_heads(dense(name="wv")(x))
+    slot = None if not decoding else jnp.asarray(position, jnp.int32) % mb
+    if self.rope:  # Positions modulo the mini-batch, as the code's get_ttt_inputs.
+      pos = jnp.arange(seq) % mb if not decoding else slot[None]
+      xq, xk = (apply_rope(y, pos, self.rope_theta) for y in (xq, xk))
     lr = nn.Dense(heads, kernel_init=init, dtype=self.dtype, name="learnable_ttt_lr")(x)
-    eta = (self.eta_base / head_dim) * jax.nn.sigmoid(lr).transpose(0, 2, 1)
-    # For diagnostics (`inner_loss_by_step`): apply with mutable=["intermediates"].
-    self.sow("intermediates", "views", (xk, xv, eta))
+    eta = (self.base_lr * lr_mult / head_dim) * jax.nn.sigmoid(lr).transpose(0, 2, 1)
+    offset = None
+    if self.learnable_token_idx:
+      offset = self.param("learnable_token_idx", nn.initializers.zeros, (mb,))
+    tau = token_scale(mb, self.token_idx, offset)
+    # For diagnostics (`inner_loss_by_step`, whose loss is ||.||^2 with weights eta):
+    # each token's weight in its mini-batch's final update, c tau_b eta_s. Apply with
+    # mutable=["intermediates"].
+    if not decoding:
+      self.sow("intermediates", "views", (xk, xv, self.loss_scale * tau[-1] * eta))
     inner = self.param("ttt_state", lambda key: init_inner_params(
         key, heads, head_dim, kind=self.kind, std=self.init_std))
-    state = jax.tree.map(lambda w: jnp.broadcast_to(w, (batch,) + w.shape), inner)
     ln_scale = self.param("ttt_norm_scale", nn.initializers.ones, (heads, head_dim))
     ln_bias = self.param("ttt_norm_bias", nn.initializers.zeros, (heads, head_dim))
-    args = (state, xq, xk, xv, eta, ln_scale, ln_bias)
-    common = dict(kind=self.kind, form=self.form, mini_batch=self.mini_batch)
+    common = dict(kind=self.kind, form=self.form, mini_batch=mb, token_idx=tau,
+                  loss_scale=self.loss_scale)
     steps = self.steps if steps is None else steps
-    if isinstance(steps, (int, np.integer)):
-      z, _ = ttt_scan(*args, steps=int(steps), **common)
-    elif jnp.ndim(steps) == 1:
-      z, _ = ttt_scan_switch(*args, steps, allowed_steps=self.allowed_steps, **common)
-    elif jnp.ndim(steps) == 2:
-      z, _ = ttt_scan_per_token(*args, steps, max_steps=max(self.allowed_steps), **common)
+    if decoding:
+      if not isinstance(steps, (int, np.integer)):
+        raise errors.ConfigError("decoding takes a static int number of inner steps, got "
+                                 f"{type(steps).__name__}.")
+      write = lambda buf, y: lax.dynamic_update_slice_in_dim(buf, y.astype(buf.dtype),
+                                                             slot, axis=2)
+      views = {n: write(decode_state[n], y) for n, y in
+               (("q", xq), ("k", xk), ("v", xv), ("eta", eta))}
+      state = decode_state["W"]
+      z, final = ttt_scan(state, views["q"], views["k"], views["v"], views["eta"],
+                          ln_scale, ln_bias, steps=int(steps), **common)
+      z = lax.dynamic_slice_in_dim(z, slot, 1, axis=2)
+      full = slot == mb - 1  # The mini-batch is complete: its final W starts the next.
+      new_state.update(views, W=jax.tree.map(lambda a, b: jnp.where(full, a, b), final,
+                                             state))
     else:
-      raise errors.ShapeError(
-          f"steps must be None, an int, [seq / mini_batch] or [batch, seq]; got shape "
-          f"{jnp.shape(steps)}.")
+      state = jax.tree.map(lambda w: jnp.broadcast_to(w, (batch,) + w.shape), inner)
+      args = (state, xq, xk, xv, eta, ln_scale, ln_bias)
+      if isinstance(steps, (int, np.integer)):
+        z, _ = ttt_scan(*args, steps=int(steps), **common)
+      elif jnp.ndim(steps) == 1:
+        z, _ = ttt_scan_switch(*args, steps, allowed_steps=self.allowed_steps, **common)
+      elif jnp.ndim(steps) == 2:
+        z, _ = ttt_scan_per_token(*args, steps, max_steps=max(self.allowed_steps),
+                                  **common)
+      else:
+        raise errors.ShapeError(
+            f"steps must be None, an int, [seq / mini_batch] or [batch, seq]; got shape "
+            f"{jnp.shape(steps)}.")
     z = z.transpose(0, 2, 1, 3).reshape(batch, seq, self.width)
     z = nn.LayerNorm(dtype=self.dtype, name="post_norm")(z)
-    return dense(name="wo", kernel_init=nn.initializers.normal(self.out_init_std))(z)
+    if self.backbone == "M":  # The code's apply_gate: gelu(x W_g) * post_norm(z).
+      z = nn.gelu(dense(name="wg")(x)) * z
+    y = dense(name="wo", kernel_init=nn.initializers.normal(self.out_init_std))(z)
+    return (y, new_state) if decoding else y
+
+
+def init_decode_state(layer: TTTLayer, params, batch_size: int,
+                      dtype: Any = jnp.float32) -> dict:
+  """The recurrent state of `layer` (its params) before a sequence's first token: W_0
+  per row, an empty pending mini-batch, and zero conv inputs ("M")."""
+  heads, head_dim = layer.num_heads, layer.width // layer.num_heads
+  views = (batch_size, heads, layer.mini_batch)
+  state = {
+      "W": jax.tree.map(lambda w: jnp.broadcast_to(w, (batch_size,) + w.shape),
+                        params["ttt_state"]),
+      "q": jnp.zeros(views + (head_dim,), dtype), "k": jnp.zeros(views + (head_dim,), dtype),
+      "v": jnp.zeros(views + (head_dim,), dtype), "eta": jnp.zeros(views, dtype)}
+  if layer.backbone == "M":
+    state["conv"] = jnp.zeros((batch_size, layer.conv_width - 1, layer.width), dtype)
+  return state

@@ -1,5 +1,7 @@
 """The TTT language model: shapes for every kind of steps, causality, the "add" branch
-against plain GPT-2, the adaptive two-pass rule, and FLOPs that fall with k."""
+against plain GPT-2, the adaptive two-pass rule, FLOPs that fall with k, sliding-window
+attention against a reference, the TTT-MLP learning-rate warm-up, and incremental
+decoding against full recomputation."""
 
 import dataclasses
 import functools
@@ -178,5 +180,99 @@ def test_bad_configs_raise_clear_errors():
     _config(ttt_steps="sometimes")
   with pytest.raises(errors.ConfigError, match="ponder_thresholds"):
     _config(ponder_thresholds=(1.0,))
+  with pytest.raises(errors.ConfigError, match="valid: inverse, none"):
+    _config(ttt_token_idx="mean")
+  with pytest.raises(errors.ConfigError, match="valid: M, T"):
+    _config(ttt_backbone="S")
+  with pytest.raises(errors.ConfigError, match="attn_window"):
+    _config(attn_window=-1)
   cfg = ttt_lm.config("tiny", vocab_size=11, ttt_positions=[1])
   assert cfg.ttt_positions == (1,) and hash(cfg)
+
+
+def test_attention_mask_is_causal_band():
+  q = k = jnp.arange(9)
+  for window in (0, 1, 3, 9, 20):
+    ones = np.ones((9, 9), bool)
+    expected = np.tril(ones) if window == 0 else np.tril(ones) & ~np.tril(ones, -window)
+    np.testing.assert_array_equal(ttt_lm.attention_mask(q, k, window), expected)
+
+
+def test_window_attention_matches_a_reference_and_full_attention():
+  """Sliding-window attention against a numpy softmax over each query's last `window`
+  keys; a window as long as the sequence is GPT-2's causal attention (same params)."""
+  cfg = _config(attn_window=3)
+  x = np.random.RandomState(3).standard_normal((2, 7, TINY["n_embd"])).astype(np.float32)
+  pos = jnp.arange(7)
+  attn = ttt_lm.WindowAttention(cfg)
+  params = attn.init(jax.random.key(0), x, positions=pos, kv_cache=None, train=False)
+  params = jax.tree.map(lambda p: p + 0.05, params)  # Non-zero biases.
+  out, _ = attn.apply(params, x, positions=pos, kv_cache=None, train=False)
+  p = params["params"]
+  h, hd = cfg.n_head, cfg.head_dim
+  qkv = (x @ p["c_attn"]["kernel"] + p["c_attn"]["bias"]).reshape(2, 7, 3, h, hd)
+  expected = np.zeros((2, 7, h, hd))
+  for t in range(7):
+    keys = slice(max(0, t - 2), t + 1)
+    scores = np.einsum("bhd,bkhd->bhk", qkv[:, t, 0], qkv[:, keys, 1]) / np.sqrt(hd)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    expected[:, t] = np.einsum("bhk,bkhd->bhd", probs, qkv[:, keys, 2])
+  expected = expected.reshape(2, 7, h * hd) @ p["c_proj"]["kernel"] + p["c_proj"]["bias"]
+  np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+  wide = ttt_lm.WindowAttention(dataclasses.replace(cfg, attn_window=7))
+  full, _, _ = gpt2.Attention(cfg).apply(params, x, positions=pos, gate=None,
+                                         kv_cache=None, train=False, return_probs=False)
+  np.testing.assert_allclose(wide.apply(params, x, positions=pos, kv_cache=None,
+                                        train=False)[0], full, atol=1e-5, rtol=1e-5)
+
+
+# Decoding: 2.5 mini-batches of 4, TTT beside sliding-window attention with the Mamba
+# backbone's layer, and TTT-MLP in attention's place.
+DECODE = dict(vocab_size=31, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+              ttt_mini_batch=4, ttt_positions=(1,))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(ttt_mode="add", ttt_form="dual", ttt_steps=2, attn_window=5, ttt_backbone="M"),
+    dict(ttt_mode="replace", ttt_kind="mlp", ttt_steps=1)])
+def test_incremental_decoding_equals_full_recomputation(overrides):
+  cfg = ttt_lm.TTTLMConfig(**{**DECODE, **overrides})
+  model = ttt_lm.TTTLM(cfg)
+  params = _params(model, seq=8)
+  ids = np.random.RandomState(5).randint(0, 31, (2, 10)).astype(np.int32)
+  full = _apply_static(model, params, ids)
+
+  @jax.jit
+  def decode(params, ids):
+    def one(cache, token):
+      logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
+      return cache, logits[:, 0]
+    cache = ttt_lm.init_cache(model, params, 2, 10)
+    return jax.lax.scan(one, cache, ids.T)[1].transpose(1, 0, 2)
+
+  np.testing.assert_allclose(decode(params, ids), full, atol=1e-5, rtol=1e-5)
+  prompt = ids[:, :3]
+  greedy = [np.asarray(ttt_lm.generate(model, params, prompt, key=jax.random.key(0),
+                                       max_new_tokens=7, temperature=0.0, use_cache=c))
+            for c in (True, False)]
+  np.testing.assert_array_equal(greedy[0], greedy[1])
+  assert len(set(greedy[0][:, 3:].ravel().tolist())) > 1  # Not a constant continuation.
+  with pytest.raises(errors.ConfigError, match="steps"):
+    ttt_lm.generate(ttt_lm.TTTLM(dataclasses.replace(cfg, ttt_steps="adaptive")), params,
+                    prompt, key=jax.random.key(0), max_new_tokens=2)
+
+
+def test_ttt_base_lr_warms_up_for_mlp_as_the_code():
+  mlp = _config(ttt_kind="mlp")  # The code's TTT-MLP: 0.1, from 0.01 over 10% of steps.
+  assert mlp.base_lr == 0.1 and _config().base_lr == 1.0
+  mult = [float(ttt_lm.ttt_lr_mult(mlp, s, 1000)) for s in (0, 50, 100, 500)]
+  np.testing.assert_allclose(mult, [0.1, 0.55, 1.0, 1.0], rtol=1e-6)
+  assert float(ttt_lm.ttt_lr_mult(_config(), 0, 1000)) == 1.0  # TTT-Linear: none.
+  # The multiplier scales eta: lr_mult 0 is SKIP's output.
+  model = ttt_lm.TTTLM(_config(ttt_mode="replace"))
+  params = _params(model)
+  ids = _ids(1, 16)
+  apply = jax.jit(lambda m: model.apply({"params": params}, ids, steps=1, ttt_lr_mult=m))
+  np.testing.assert_allclose(apply(0.0), _apply_static(model, params, ids, steps=0),
+                             atol=1e-6, rtol=1e-6)

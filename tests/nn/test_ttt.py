@@ -5,6 +5,7 @@ SKIP / switch / per-token step controls, and the analytic FLOP count against XLA
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -76,22 +77,32 @@ def _f(w, x, scale, bias, kind):
 
 @functools.partial(jax.jit, static_argnames="kind")
 def _token_grad(w, k, v, scale, bias, kind):
-  """grad_W l(W; x_s) for one token: l = ||f(theta_K x; W) - theta_V x||^2 (Sec. 2.3)."""
+  """grad_W ||f(theta_K x; W) - theta_V x||^2 for one token (Sec. 2.3)."""
   return jax.grad(lambda w: jnp.sum(jnp.square(_f(w, k, scale, bias, kind) - v)))(w)
 
 
 _f_jit = jax.jit(_f, static_argnames="kind")
 
 
-def reference_ttt(inputs, token_steps, *, kind, mini_batch):
-  """Token t of a mini-batch starting at t': W_t^(0) = W_t', and for j = 1..max k,
-  W_t^(j) = W_t^(j-1) - sum_{t' < s <= t, k_s >= j} eta_s grad l(W_t^(j-1); x_s) (for
-  j = 1 this is the paper's mini-batch rule, Sec. 2.4, one token's gradient at a time);
+# The row scales tau and loss scales c of the options: the public code's (tau_i = 1 / i,
+# 1/2 ||.||^2), the paper's (1, ||.||^2), and the code's with a learned offset on tau
+# (one entry clipped at 0).
+OPTIONS = {"code": (1.0 / np.arange(1, MB + 1), 0.5), "paper": (np.ones(MB), 1.0),
+           "learned": (np.maximum(1.0 / np.arange(1, MB + 1) + [0.3, -0.2, -0.5, 0.4], 0),
+                       0.5)}
+
+
+def reference_ttt(inputs, token_steps, *, kind, mini_batch, tau=None, loss_scale=0.5):
+  """Token t (i = t - t' + 1 of its mini-batch, starting at t'): W_t^(0) = W_t', and for
+  j = 1..max k, W_t^(j) = W_t^(j-1) - tau_i c sum_{t' < s <= t, k_s >= j} eta_s
+  grad ||f(theta_K x_s; W) - theta_V x_s||^2 at W_t^(j-1) (for j = 1, the mini-batch
+  rule, Sec. 2.4, one token's gradient at a time; tau_i = 1 / i by default, the code's);
   z_t = f(theta_Q x_t; W_t^(k)) and the last token's W starts the next mini-batch.
   token_steps [batch, seq]. Returns z [batch, heads, seq, dim] and the final state."""
   state, xq, xk, xv, eta, ln_scale, ln_bias = jax.tree.map(np.asarray, inputs)
   batch, heads, seq, _ = xq.shape
   token_steps = np.asarray(token_steps)
+  tau = 1.0 / np.arange(1, mini_batch + 1) if tau is None else np.asarray(tau)
   out, finals = np.zeros(xq.shape), []
   for i in range(batch):
     for h in range(heads):
@@ -106,7 +117,8 @@ def reference_ttt(inputs, token_steps, *, kind, mini_batch):
               if token_steps[i, s] > j:
                 g = _token_grad(w, xk[i, h, s], xv[i, h, s], scale, bias, kind)
                 for n in update:
-                  update[n] += eta[i, h, s] * np.asarray(g[n], np.float64)
+                  update[n] += (tau[t - t0] * loss_scale * eta[i, h, s]
+                                * np.asarray(g[n], np.float64))
             w = {n: w[n] - update[n] for n in w}
           out[i, h, t] = _f_jit(w, xq[i, h, t], scale, bias, kind)
         start = w
@@ -121,16 +133,23 @@ def _steps_everywhere(k):
 
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind,form,steps", [
-    ("linear", "dual", 1), ("linear", "dual", 2), ("linear", "grad", 2), ("mlp", "grad", 2)])
-def test_matches_token_by_token_reference(kind, form, steps):
+@pytest.mark.parametrize("kind,form,steps,option", [
+    ("linear", "dual", 1, "code"), ("linear", "dual", 2, "paper"),
+    ("linear", "dual", 2, "learned"), ("linear", "grad", 2, "learned"),
+    ("mlp", "grad", 2, "code"), ("mlp", "grad", 1, "paper")])
+def test_matches_token_by_token_reference(kind, form, steps, option):
   inputs = make_inputs(kind)
-  z, final = scan_static(*inputs, kind=kind, form=form, mini_batch=MB, steps=steps)
-  z_ref, final_ref = reference_ttt(inputs, _steps_everywhere(steps), kind=kind, mini_batch=MB)
+  tau, c = OPTIONS[option]
+  # The code's options as the defaults; the others as an explicit tau and loss_scale.
+  kw = {} if option == "code" else dict(token_idx=jnp.asarray(tau, jnp.float32),
+                                        loss_scale=c)
+  z, final = scan_static(*inputs, kind=kind, form=form, mini_batch=MB, steps=steps, **kw)
+  z_ref, final_ref = reference_ttt(inputs, _steps_everywhere(steps), kind=kind,
+                                   mini_batch=MB, tau=tau, loss_scale=c)
   chex.assert_trees_all_close(z, z_ref, atol=2e-5, rtol=1e-5)
   chex.assert_trees_all_close(final, final_ref, atol=2e-5, rtol=1e-5)
   # The inner loop did something: the outputs moved away from those of W_0.
-  z_skip, _ = scan_static(*inputs, kind=kind, form=form, mini_batch=MB, steps=0)
+  z_skip, _ = scan_static(*inputs, kind=kind, form=form, mini_batch=MB, steps=0, **kw)
   assert np.abs(np.asarray(z) - np.asarray(z_skip)).max() > 1e-2
 
 
@@ -148,12 +167,16 @@ def test_per_token_steps_match_reference(kind, form):
 
 
 # k = 1 is checked against the reference above; k = 4 also runs the dual form's table
-# update (steps after the second).
-@pytest.mark.parametrize("steps", [2, 4])
-def test_grad_and_dual_forms_agree(steps):
+# update (steps after the second). Every option: tau and c enter both forms.
+@pytest.mark.parametrize("steps,option", [(2, "paper"), (4, "code"), (4, "learned")])
+def test_grad_and_dual_forms_agree(steps, option):
   inputs = make_inputs("linear", seed=2)
-  z_grad, w_grad = scan_static(*inputs, kind="linear", form="grad", mini_batch=MB, steps=steps)
-  z_dual, w_dual = scan_static(*inputs, kind="linear", form="dual", mini_batch=MB, steps=steps)
+  tau, c = OPTIONS[option]
+  kw = dict(token_idx=jnp.asarray(tau, jnp.float32), loss_scale=c)
+  z_grad, w_grad = scan_static(*inputs, kind="linear", form="grad", mini_batch=MB,
+                               steps=steps, **kw)
+  z_dual, w_dual = scan_static(*inputs, kind="linear", form="dual", mini_batch=MB,
+                               steps=steps, **kw)
   assert np.abs(np.asarray(z_grad) - np.asarray(z_dual)).max() <= 1e-5
   for name in ("W1", "b1"):
     assert np.abs(np.asarray(w_grad[name]) - np.asarray(w_dual[name])).max() <= 1e-5
@@ -254,7 +277,8 @@ def test_inner_loss_by_step_follows_the_reference_update():
                                - xv[i, h, s]))) for s in range(MB))
   expected = [1.0]
   for j in range(1, max_steps + 1):
-    _, final = reference_ttt(inputs, np.full((BATCH, MB), j), kind=kind, mini_batch=MB)
+    _, final = reference_ttt(inputs, np.full((BATCH, MB), j), kind=kind, mini_batch=MB,
+                             tau=np.ones(MB), loss_scale=1.0)  # Full steps, ||.||^2.
     expected.append(np.mean([
         loss({n: w[i, h] for n, w in final.items()}, i, h)
         / loss({n: w[h] for n, w in w0.items()}, i, h)
@@ -271,9 +295,14 @@ def test_layer_sows_its_views_for_the_diagnostic():
   _, aux = layer.apply({"params": params}, x, train=False, mutable=["intermediates"])
   xk, xv, eta = aux["intermediates"]["views"][0]
   chex.assert_shape((xk, xv, eta), ((1, 2, SEQ, 4), (1, 2, SEQ, 4), (1, 2, SEQ)))
-  np.testing.assert_allclose(
-      xk, (x @ params["wk"]["kernel"]).reshape(1, SEQ, 2, 4).transpose(0, 2, 1, 3),
+  heads = lambda y: y.reshape(1, SEQ, 2, 4).transpose(0, 2, 1, 3)
+  np.testing.assert_allclose(  # RoPE (default) at positions modulo the mini-batch.
+      xk, ttt.apply_rope(heads(x @ params["wk"]["kernel"]), np.arange(SEQ) % MB),
       rtol=1e-5, atol=1e-6)
+  # eta: each token's weight in its mini-batch's final update, c tau_b eta_s.
+  lr = x @ params["learnable_ttt_lr"]["kernel"] + params["learnable_ttt_lr"]["bias"]
+  np.testing.assert_allclose(eta, 0.5 / MB * jax.nn.sigmoid(lr).transpose(0, 2, 1) / 4,
+                             rtol=1e-5)
 
 
 def _count(jaxpr, name):
@@ -399,3 +428,65 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="Pad the sequence"):
     jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                    np.ones((1, SEQ + 1, WIDTH), np.float32))
+
+
+def test_rope_is_the_codes_complex_rotation():
+  """apply_rope against the public code's form: feature pairs as complex numbers times
+  exp(i pos theta^(-2m / d)); scores then depend on relative positions only."""
+  x = np.random.RandomState(10).standard_normal((2, 3, 6, 8)).astype(np.float32)
+  pos = np.array([0, 1, 2, 3, 0, 5])
+  freqs = 10000.0 ** (-np.arange(0, 8, 2) / 8)
+  rotated = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * pos[:, None] * freqs)
+  expected = np.stack([rotated.real, rotated.imag], -1).reshape(x.shape)
+  np.testing.assert_allclose(ttt.apply_rope(x, pos), expected, rtol=1e-5, atol=1e-5)
+  q, k = x[0, 0, 0], x[0, 0, 1]
+  score = lambda m, n: float(ttt.apply_rope(q[None], np.array([m]))[0]
+                             @ ttt.apply_rope(k[None], np.array([n]))[0])
+  np.testing.assert_allclose(score(3, 1), score(5, 3), rtol=1e-4)
+
+
+def test_causal_conv_matches_flax_causal_depthwise_conv():
+  """CausalConv is the code's nn.Conv(padding="CAUSAL", feature_group_count=features),
+  same parameters; a prefix of earlier inputs continues the sequence (decoding)."""
+  x = np.random.RandomState(11).standard_normal((2, 7, 6)).astype(np.float32)
+  conv = ttt.CausalConv(4)
+  params = conv.init(jax.random.key(0), x)
+  params = jax.tree.map(lambda p: p + 0.1, params)  # A non-zero bias.
+  flax_conv = nn.Conv(6, (4,), padding="CAUSAL", feature_group_count=6)
+  expected = flax_conv.apply(params, x)
+  np.testing.assert_allclose(conv.apply(params, x), expected, rtol=1e-5, atol=1e-6)
+  tail = conv.apply(params, x[:, 5:], x[:, 2:5])  # The last 2 outputs from 3 earlier rows.
+  np.testing.assert_allclose(tail, expected[:, 5:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,form,steps,backbone", [
+    ("linear", "dual", 2, "M"), ("mlp", "grad", 1, "T")])
+def test_layer_decoding_token_by_token_equals_the_full_pass(kind, form, steps, backbone):
+  """The recurrent state (W after the last full mini-batch, the pending mini-batch's
+  views, the conv inputs) gives every token the full pass's output, over 2.5
+  mini-batches."""
+  seq = 2 * MB + 2
+  x = np.random.RandomState(12).standard_normal((BATCH, 3 * MB, WIDTH)).astype(np.float32)
+  model = ttt.TTTLayer(WIDTH, HEADS, kind=kind, mini_batch=MB, form=form, steps=steps,
+                       backbone=backbone)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+  rng = np.random.RandomState(2)
+  params = jax.tree.map(lambda s: 0.5 * rng.standard_normal(s.shape).astype(s.dtype), shapes)
+  full = np.asarray(_jit(lambda p, x: model.apply(p, x, train=False))(params, x))
+
+  @_jit
+  def decode(params, x):
+    def one(state, inputs):
+      t, x_t = inputs
+      y, state = model.apply(params, x_t[:, None], train=False, decode_state=state,
+                             position=t)
+      return state, y[:, 0]
+    state = ttt.init_decode_state(model, params["params"], BATCH)
+    final, ys = jax.lax.scan(one, state, (jnp.arange(seq), x[:, :seq].transpose(1, 0, 2)))
+    return ys.transpose(1, 0, 2), final
+
+  ys, final = decode(params, x)
+  np.testing.assert_allclose(ys, full[:, :seq], atol=1e-5, rtol=1e-5)
+  # Two full mini-batches moved W from W_0; the pending third did not finish.
+  assert np.abs(np.asarray(final["W"]["W1"]) - np.asarray(params["params"]["ttt_state"]["W1"])
+                ).max() > 1e-3
