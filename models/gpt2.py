@@ -375,16 +375,23 @@ def generate(model: GPT2, params, prompt, *, key: jax.Array, max_new_tokens: int
   Returns:
     int32 [batch, prompt_len + max_new_tokens]: the prompt followed by new tokens.
   """
-  prompt = jnp.asarray(prompt, jnp.int32)
-  if prompt.ndim != 2 or prompt.shape[1] < 1:
-    raise errors.ShapeError(f"prompt must be [batch, len >= 1]; got {prompt.shape}.")
-  if prompt.shape[1] + max_new_tokens > model.config.n_positions:
-    raise errors.ShapeError(
-        f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds the "
-        f"{model.config.n_positions} learned positions.")
+  prompt = check_prompt(prompt, max_new_tokens, model.config.n_positions)
   return _generate(model, params, prompt, key, max_new_tokens=max_new_tokens,
                    temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                    eos_id=eos_id, use_cache=use_cache)
+
+
+def check_prompt(prompt, max_new_tokens: int, n_positions: int) -> jax.Array:
+  """The prompt as int32 [batch, len >= 1], or a ShapeError if it and the tokens to
+  generate do not fit the model's learned positions."""
+  prompt = jnp.asarray(prompt, jnp.int32)
+  if prompt.ndim != 2 or prompt.shape[1] < 1:
+    raise errors.ShapeError(f"prompt must be [batch, len >= 1]; got {prompt.shape}.")
+  if prompt.shape[1] + max_new_tokens > n_positions:
+    raise errors.ShapeError(
+        f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds the "
+        f"{n_positions} learned positions.")
+  return prompt
 
 
 # --- Hugging Face checkpoints ------------------------------------------------------------

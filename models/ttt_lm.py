@@ -464,13 +464,7 @@ def generate(model: TTTLM, params, prompt, *, key: jax.Array, max_new_tokens: in
   if not isinstance(steps, (int, np.integer)):
     raise errors.ConfigError(f"generation needs an int number of inner steps, got "
                              f"{steps!r}; pass steps=K (e.g. the Fixed-K it matches).")
-  prompt = jnp.asarray(prompt, jnp.int32)
-  if prompt.ndim != 2 or prompt.shape[1] < 1:
-    raise errors.ShapeError(f"prompt must be [batch, len >= 1]; got {prompt.shape}.")
-  if prompt.shape[1] + max_new_tokens > model.config.n_positions:
-    raise errors.ShapeError(
-        f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds the "
-        f"{model.config.n_positions} learned positions.")
+  prompt = gpt2.check_prompt(prompt, max_new_tokens, model.config.n_positions)
   return _generate(model, params, prompt, key, max_new_tokens=max_new_tokens,
                    temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                    eos_id=eos_id, use_cache=use_cache, steps=int(steps))
