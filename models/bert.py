@@ -56,6 +56,7 @@ import numpy as np
 from flax import traverse_util
 
 from ponder import errors
+from ponder import hf_checkpoint
 from ponder.nn import perforated
 
 # Hugging Face's activation names -> functions. "gelu" is the exact erf form BERT uses
@@ -537,9 +538,9 @@ def init_params(model: nn.Module, key: jax.Array, seq_len: int = 8):
 
 # --- Hugging Face checkpoints ------------------------------------------------------------
 
-_CONFIG_FILE = "config.json"
-_SAFETENSORS_FILE = "model.safetensors"
-_TORCH_FILE = "pytorch_model.bin"
+_CONFIG_FILE = hf_checkpoint.CONFIG_FILE
+_SAFETENSORS_FILE = hf_checkpoint.SAFETENSORS_FILE
+_TORCH_FILE = hf_checkpoint.TORCH_FILE
 _HF_PREFIX = "bert."
 # Buffers PyTorch checkpoints store beside the weights.
 _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -620,28 +621,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
 
 def _read_state_dict(directory: pathlib.Path) -> tuple[dict[str, np.ndarray], bool]:
   """The tensors and whether they carry Flax names (FlaxBertModel.save_pretrained)."""
-  if (directory / _SAFETENSORS_FILE).is_file():
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-    with safe_open(directory / _SAFETENSORS_FILE, "np") as f:
-      fmt = (f.metadata() or {}).get("format")
-      state = {k: f.get_tensor(k) for k in f.keys()}
-    flax_names = fmt == "flax" if fmt else any(
-        k.endswith((".kernel", ".embedding", ".scale")) for k in state)
-    return state, flax_names
-  if (directory / _TORCH_FILE).is_file():
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise errors.CheckpointError(
-          f"{directory / _TORCH_FILE} is a torch pickle and torch is not installed. "
-          "Install torch, or convert the checkpoint once where torch is available "
-          "(transformers: BertModel.from_pretrained(dir).save_pretrained(dir, "
-          "safe_serialization=True)) to get model.safetensors.") from e
-    state = torch.load(directory / _TORCH_FILE, map_location="cpu", weights_only=True)
-    return {k: (v.float() if v.is_floating_point() else v).numpy()
-            for k, v in state.items()}, False
-  raise errors.MissingDataError(
-      f"no {_SAFETENSORS_FILE} or {_TORCH_FILE} in {directory}.")
+  state, fmt = hf_checkpoint.read_state_dict(directory, "BertModel")
+  flax_names = fmt == "flax" if fmt else any(
+      k.endswith((".kernel", ".embedding", ".scale")) for k in state)
+  return state, flax_names
 
 
 def _normalise_key(key: str) -> str:

@@ -45,6 +45,7 @@ from flax import traverse_util
 from jax import lax
 
 from ponder import errors
+from ponder import hf_checkpoint
 from ponder import plasticity
 
 
@@ -396,9 +397,8 @@ def check_prompt(prompt, max_new_tokens: int, n_positions: int) -> jax.Array:
 
 # --- Hugging Face checkpoints ------------------------------------------------------------
 
-_CONFIG_FILE = "config.json"
-_SAFETENSORS_FILE = "model.safetensors"
-_TORCH_FILE = "pytorch_model.bin"
+_CONFIG_FILE = hf_checkpoint.CONFIG_FILE
+_SAFETENSORS_FILE = hf_checkpoint.SAFETENSORS_FILE
 _HF_PREFIX = "transformer."
 # Causal-mask buffers that older PyTorch GPT-2 checkpoints store beside the weights.
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
@@ -428,25 +428,6 @@ def _config_from_hf(hf: dict) -> GPT2Config:
   return GPT2Config(**{k: v for k, v in hf.items() if k in names})
 
 
-def _read_state_dict(directory: pathlib.Path) -> dict[str, np.ndarray]:
-  if (directory / _SAFETENSORS_FILE).is_file():
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return load_file(directory / _SAFETENSORS_FILE)
-  if (directory / _TORCH_FILE).is_file():
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise errors.CheckpointError(
-          f"{directory / _TORCH_FILE} is a torch pickle and torch is not installed. "
-          "Install torch, or convert the checkpoint once where torch is available "
-          "(transformers: GPT2LMHeadModel.from_pretrained(dir).save_pretrained(dir, "
-          "safe_serialization=True)) to get model.safetensors.") from e
-    state = torch.load(directory / _TORCH_FILE, map_location="cpu", weights_only=True)
-    return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
-  raise errors.MissingDataError(
-      f"no {_SAFETENSORS_FILE} or {_TORCH_FILE} in {directory}.")
-
-
 def from_hf(path: str | os.PathLike) -> tuple[GPT2, Any]:
   """Loads a Hugging Face GPT-2 checkpoint directory: returns (model, params).
 
@@ -461,7 +442,8 @@ def from_hf(path: str | os.PathLike) -> tuple[GPT2, Any]:
     raise errors.MissingDataError(f"no {_CONFIG_FILE} in {directory}.")
   cfg = _config_from_hf(json.loads((directory / _CONFIG_FILE).read_text()))
   model = GPT2(cfg)
-  state = {k.removeprefix(_HF_PREFIX): v for k, v in _read_state_dict(directory).items()
+  tensors, _ = hf_checkpoint.read_state_dict(directory, "GPT2LMHeadModel")
+  state = {k.removeprefix(_HF_PREFIX): v for k, v in tensors.items()
            if not k.endswith(_BUFFER_SUFFIXES)}
   head = state.pop("lm_head.weight", None)
   if head is not None and not np.array_equal(head, state.get("wte.weight", head)):
