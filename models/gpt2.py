@@ -47,6 +47,7 @@ from jax import lax
 from ponder import errors
 from ponder import hf_checkpoint
 from ponder import plasticity
+from ponder.nn import dense as dense_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +136,10 @@ def init_cache(cfg: GPT2Config, batch_size: int, max_len: int,
 
 
 def _dense(features: int, name: str, dtype: Any, std: float = 0.02) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, kernel_init=nn.initializers.normal(std), name=name)
+  # ponder's Dense multiplies on [rows, features]: nn.Dense's parameters, without the
+  # transposed copy XLA:CPU makes before each weight-gradient matmul on 3-D inputs.
+  return dense_lib.Dense(features, dtype=dtype, kernel_init=nn.initializers.normal(std),
+                         name=name)
 
 
 def residual_std(cfg: GPT2Config) -> float:

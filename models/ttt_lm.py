@@ -62,6 +62,7 @@ import numpy as np
 
 from models import gpt2
 from ponder import errors
+from ponder.nn import dense as dense_lib
 from ponder.nn import ponder_alloc
 from ponder.nn import ttt
 
@@ -211,8 +212,8 @@ class WindowAttention(nn.Module):
     cfg = self.config
     b, t, _ = x.shape
     h, hd = cfg.n_head, cfg.head_dim
-    dense = lambda n, name, std: nn.Dense(n, dtype=self.dtype, name=name,
-                                          kernel_init=nn.initializers.normal(std))
+    dense = lambda n, name, std: dense_lib.Dense(n, dtype=self.dtype, name=name,
+                                                 kernel_init=nn.initializers.normal(std))
     qkv = dense(3 * h * hd, "c_attn", 0.02)(x)
     q, k, v = (y[:, :, 0] for y in jnp.split(qkv.reshape(b, t, 3, h, hd), 3, axis=2))
     key_positions, new_cache = positions, None

@@ -10,6 +10,8 @@ gradient into a transposed layout before that matmul, once per layer per step. O
 [rows, features] the contraction is a plain matmul over rows and the copies go.
 """
 
+import math
+
 import flax.linen as nn
 
 
@@ -21,5 +23,7 @@ class Dense(nn.Dense):
     if inputs.ndim <= 2:
       return super().__call__(inputs)
     lead = inputs.shape[:-1]
-    y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+    # An explicit row count, not -1: a layer may have no input features (a GPT-2 layer
+    # whose heads were all pruned), and reshape cannot infer -1 from a zero size.
+    y = super().__call__(inputs.reshape(math.prod(lead), inputs.shape[-1]))
     return y.reshape(*lead, y.shape[-1])
