@@ -80,6 +80,16 @@ def optim(**overrides) -> dict:
   return block
 
 
+def init(**overrides) -> dict:
+  """Where a fresh run's parameters start (train/trainer.py warm_start)."""
+  block = dict(
+      from_workdir="",    # a train.main workdir: copy its selected params (same path and
+                          # shape); "" = the model's own init
+  )
+  block.update(overrides)
+  return block
+
+
 def mesh(**overrides) -> dict:
   block = dict(
       data=-1,            # devices on the batch axis; -1 = all that are left

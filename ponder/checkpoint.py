@@ -67,13 +67,17 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
 
   def restore_latest(self, abstract_state: Any) -> Tuple[Optional[Any], Optional[int]]:
-    """Restores the newest readable checkpoint into `abstract_state`'s structure.
+    """Restores the newest readable checkpoint into `abstract_state`'s structure, or
+    into `abstract_state(step)`'s when it is a function of the step (a run whose
+    structure changes between phases).
 
     Returns (None, None) when there is none. Unreadable ones are quarantined with a
     warning; if every one is unreadable, raises CheckpointError (nothing is deleted).
     """
     steps = self.all_steps()
+    abstract_for = abstract_state if callable(abstract_state) else lambda _: abstract_state
     for step in reversed(steps):
+      abstract_state = abstract_for(step)
       try:
         saved = leaf_shapes(self._manager.item_metadata(step).tree)
       except Exception:  # pylint: disable=broad-except

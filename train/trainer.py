@@ -33,6 +33,7 @@ from ponder.analysis import plots
 from ponder import errors
 from ponder import metric_log as plog
 from ponder import mesh as mesh_lib
+from train import phases
 from train import tasks as tasks_lib
 
 log = logging.getLogger(__name__)
@@ -190,12 +191,13 @@ RESUMABLE_CHANGES = ("trainer.total_steps", "trainer.log_every", "trainer.eval_e
 
 
 def resolve_paths(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of `cfg` with the teacher's workdir made absolute, so the run's config.json
-  names the same teacher from any directory."""
+  """A copy of `cfg` with the teacher's and the warm start's workdirs made absolute, so
+  the run's config.json names the same runs from any directory."""
   cfg = ml_collections.ConfigDict(cfg.to_dict())
-  distill = cfg.get("distill", None)
-  if distill is not None and distill.get("teacher_workdir", ""):
-    distill.teacher_workdir = os.path.abspath(os.path.expanduser(distill.teacher_workdir))
+  for block, field in (("distill", "teacher_workdir"), ("init", "from_workdir")):
+    sub = cfg.get(block, None)
+    if sub is not None and sub.get(field, ""):
+      sub[field] = os.path.abspath(os.path.expanduser(sub[field]))
   return cfg
 
 
@@ -223,27 +225,39 @@ def check_rerun(cfg: ml_collections.ConfigDict, workdir: str, *,
         f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items()))
 
 
-def restore_run(workdir: str, **data_overrides):
-  """(cfg, task, params, step, mesh) of the newest checkpoint in a train.main workdir.
+def restore_run(workdir: str, *, selected: bool = False, **data_overrides):
+  """(cfg, task, params, step, mesh) of a train.main workdir: its newest checkpoint, or
+  with `selected` the parameters selected on validation (best/; the newest checkpoint
+  when there is none). cfg and task are those of the phase the parameters come from.
 
   Needs nothing but the workdir (no teacher: that is for training). `data_overrides`
   change the data block (e.g. eval_split) before the task is built.
   """
   cfg = load_config(workdir)
   cfg.data.update(data_overrides)
-  mesh = mesh_lib.make_mesh(**cfg.mesh)
-  task = tasks_lib.build(cfg, mesh)
-  tx, _ = make_optimizer(cfg.optim, cfg.trainer.total_steps)
-  repl = mesh_lib.replicated(mesh)
-  abstract = jax.eval_shape(functools.partial(init_state, task, tx), jax.random.key(0))
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
-                          abstract)
+  run = build_run(cfg, with_teacher=False)
+
+  def run_at(step, which="state"):
+    if run.policy is None:
+      return run
+    return configured(run, phases.load_record(workdir, step)[which])
+
+  if selected:
+    best = _best_checkpointer(workdir, run.task)
+    step = best.best_step()
+    if step is not None:
+      at = run_at(step, "evaluated")
+      params = best.restore(step, abstract_state(at).params)
+      best.close()
+      return at.cfg, at.task, params, step, run.mesh
+    best.close()
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  state, step = ckpt.restore_latest(abstract)
+  state, step = ckpt.restore_latest(lambda s: abstract_state(run_at(s)))
   ckpt.close()
   if state is None:
     raise errors.CheckpointError(f"no checkpoint under {workdir}/checkpoints; train first.")
-  return cfg, task, state.params, step, mesh
+  at = run_at(step)
+  return at.cfg, at.task, state.params, step, run.mesh
 
 
 def load_teacher(workdir: str, how_to_train: str = "") -> Callable:
@@ -278,7 +292,12 @@ def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """What `build_run` assembles from a config: everything the loop needs but the state."""
+  """What `build_run` assembles from a config: everything the loop needs but the state.
+
+  `cfg` builds the current phase's structure (`base_cfg` configured by the phase
+  policy, train/phases.py; the same config without a policy); `opt_start` is the step
+  at which the current optimizer state started (its learning-rate schedule's step 0).
+  """
   cfg: ml_collections.ConfigDict
   mesh: Any
   task: "tasks_lib.Task"
@@ -286,36 +305,103 @@ class Run:
   schedule: Callable
   init_key: jax.Array
   step_key: jax.Array
+  base_cfg: ml_collections.ConfigDict = None
+  policy: Optional[phases.Policy] = None
+  teacher: Optional[Callable] = None
+  opt_start: int = 0
 
 
-def build_run(cfg: ml_collections.ConfigDict) -> Run:
-  """Mesh, teacher (training only), task and optimizer; raises PonderError on bad input
-  before any file is written."""
+def build_run(cfg: ml_collections.ConfigDict, *, with_teacher: bool = True) -> Run:
+  """Mesh, teacher (training only: `with_teacher`), phase policy, task and optimizer;
+  raises PonderError on bad input before any file is written."""
   mesh = mesh_lib.make_mesh(**cfg.mesh)
   mesh_lib.check_batch_size(cfg.trainer.batch_size, mesh)
   distill = cfg.get("distill", None)
   teacher = None
-  if distill is not None and distill.get("teacher_workdir", ""):
+  if with_teacher and distill is not None and distill.get("teacher_workdir", ""):
     teacher = load_teacher(distill.teacher_workdir, tasks_lib.how_to_train_teacher(cfg))
-  task = tasks_lib.build(cfg, mesh, teacher=teacher)
-  tx, schedule = make_optimizer(cfg.optim, cfg.trainer.total_steps)
+  policy = phases.build(cfg)
+  now = policy.configure(cfg, policy.init(cfg)) if policy else cfg
+  task = tasks_lib.build(now, mesh, teacher=teacher)
+  tx, schedule = make_optimizer(now.optim, now.trainer.total_steps)
   init_key, step_key = jax.random.split(jax.random.key(cfg.seed))
-  return Run(cfg, mesh, task, tx, schedule, init_key, step_key)
+  return Run(now, mesh, task, tx, schedule, init_key, step_key, base_cfg=cfg,
+             policy=policy, teacher=teacher)
+
+
+def configured(run: Run, pstate: Optional[dict], opt_start: int = 0) -> Run:
+  """The run for policy state `pstate`: task, optimizer and schedule rebuilt only when
+  the policy's config for it differs from the run's."""
+  run = dataclasses.replace(run, opt_start=opt_start)
+  if run.policy is None or pstate is None:
+    return run
+  return _run_for_cfg(run, run.policy.configure(run.base_cfg, pstate))
+
+
+def abstract_state(run: Run) -> TrainState:
+  """The run's train state as sharded ShapeDtypeStructs (for restoring)."""
+  repl = mesh_lib.replicated(run.mesh)
+  shapes = jax.eval_shape(functools.partial(init_state, run.task, run.tx), run.init_key)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
+                      shapes)
+
+
+def warm_start(run: Run, state: TrainState, echo: Callable) -> TrainState:
+  """`init.from_workdir`: every parameter with the same path and shape comes from that
+  run's selected parameters (its best/ checkpoint, else its newest); the rest keep
+  their fresh init. Logs how many leaves were copied and which were not."""
+  block = run.base_cfg.get("init", None)
+  source = block.get("from_workdir", "") if block is not None else ""
+  if not source:
+    return state
+  _, _, src_params, src_step, _ = restore_run(source, selected=True)
+  src = dict(jax.tree_util.tree_flatten_with_path(src_params)[0])
+  copied, kept = [], []
+
+  def take(path, leaf):
+    other = src.get(path)
+    if other is not None and other.shape == leaf.shape:
+      copied.append(path)
+      return jax.device_put(jnp.asarray(other, leaf.dtype), leaf.sharding)
+    kept.append(jax.tree_util.keystr(path))
+    return leaf
+
+  params = jax.tree_util.tree_map_with_path(take, state.params)
+  if not copied:
+    raise errors.ConfigError(
+        f"init.from_workdir={source}: no parameter of this model has the path and shape "
+        "of one there; is it a run of the same architecture family?")
+  echo(f"Warm start from {source} (step {src_step}): copied {len(copied)} parameter "
+       f"arrays; {len(kept)} kept their fresh init"
+       + (f": {', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''}" if kept else ""))
+  return TrainState(step=state.step, params=params, opt_state=run.tx.init(params))
 
 
 def init_or_restore(run: Run, workdir: str, echo: Callable):
-  """(state, resumed_from, checkpointer): the newest readable checkpoint, or a fresh
-  state. A checkpoint that does not fit the model is an error, never quarantined."""
+  """(run, state, resumed_from, checkpointer, policy state): the newest readable
+  checkpoint, in the structure its phase had, or a fresh (or warm-started) state. A
+  checkpoint that does not fit the model is an error, never quarantined."""
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               keep=run.cfg.trainer.keep_ckpts)
+  pstate = run.policy.init(run.base_cfg) if run.policy else None
+
+  def run_at(step):
+    if run.policy is None:
+      return run
+    saved = phases.load_record(workdir, step)
+    return configured(run, saved["state"], saved.get("opt_start", 0))
+
+  restored, resumed_from = ckpt.restore_latest(lambda step: abstract_state(run_at(step)))
+  if restored is not None:
+    if run.policy is not None:
+      pstate = phases.load_record(workdir, resumed_from)["state"]
+    run = run_at(resumed_from)
+    echo(f"Resuming from checkpoint at step {resumed_from} in {ckpt.directory}")
+    return run, restored, resumed_from, ckpt, pstate
   repl = mesh_lib.replicated(run.mesh)
   state = jax.jit(functools.partial(init_state, run.task, run.tx),
                   out_shardings=repl)(run.init_key)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               keep=run.cfg.trainer.keep_ckpts)
-  restored, resumed_from = ckpt.restore_latest(ckpt_lib.abstract_like(state))
-  if restored is not None:
-    state = restored
-    echo(f"Resuming from checkpoint at step {resumed_from} in {ckpt.directory}")
-  return state, resumed_from, ckpt
+  return run, warm_start(run, state, echo), None, ckpt, pstate
 
 
 def _best_checkpointer(workdir: str, task: "tasks_lib.Task") -> ckpt_lib.Checkpointer:
@@ -325,24 +411,73 @@ def _best_checkpointer(workdir: str, task: "tasks_lib.Task") -> ckpt_lib.Checkpo
                                best_mode=mode)
 
 
-def train_loop(run: Run, state: TrainState, workdir: str, ckpt, best, *, echo: Callable,
-               stop_after: Optional[int] = None) -> tuple:
-  """Steps from `state.step` to total_steps: logs, evaluates on the validation split,
-  checkpoints (periodically, on SIGTERM, at the end), and keeps the best parameters.
-  Returns (state, reached_end, preempted)."""
-  cfg, task, mesh = run.cfg, run.task, run.mesh
-  total, start = cfg.trainer.total_steps, int(state.step)
-  repl, data_sh = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+def _compile(run: Run):
+  """(jitted train step, jitted eval step) of a run's task and optimizer."""
+  repl, data_sh = mesh_lib.replicated(run.mesh), mesh_lib.batch_sharding(run.mesh)
+  schedule = run.schedule
+  if run.opt_start:
+    schedule = lambda step: run.schedule(step - run.opt_start)  # noqa: E731
   step_fn = jax.jit(
-      functools.partial(train_step, loss_fn=task.loss_fn, tx=run.tx, schedule=run.schedule),
+      functools.partial(train_step, loss_fn=run.task.loss_fn, tx=run.tx, schedule=schedule),
       in_shardings=(repl, data_sh, repl), out_shardings=(repl, repl), donate_argnums=(0,))
-  eval_fn = jax.jit(task.eval_fn, in_shardings=(repl, data_sh), out_shardings=repl)
+  eval_fn = jax.jit(run.task.eval_fn, in_shardings=(repl, data_sh), out_shardings=repl)
+  return step_fn, eval_fn
+
+
+def _policy_context(run: Run, state: TrainState, workdir: str, step: int, val: dict,
+                    pstate: dict) -> phases.EvalContext:
+  def evaluate_cfg(params, cfg=None, split="val"):
+    other = run if cfg is None else _run_for_cfg(run, cfg)
+    return evaluate(other.task, _compile(other)[1], params, run.mesh, split=split)
+
+  def train_batches(cfg, start, n):
+    task = _run_for_cfg(run, cfg).task
+    return (mesh_lib.shard_batch(task.train_batch(s), run.mesh) for s in range(start, start + n))
+
+  return phases.EvalContext(
+      step=step, val=val, state=pstate, params=state.params, cfg=run.cfg, workdir=workdir,
+      key=jax.random.fold_in(jax.random.fold_in(run.step_key, step), 1 << 30),
+      evaluate=evaluate_cfg,
+      abstract_params=lambda cfg: abstract_state(_run_for_cfg(run, cfg)).params,
+      train_batches=train_batches)
+
+
+def _run_for_cfg(run: Run, cfg: ml_collections.ConfigDict) -> Run:
+  """`run` with the task and optimizer of `cfg` (rebuilt only if the configs differ)."""
+  if not config_diff(cfg, run.cfg):
+    return run
+  task = tasks_lib.build(cfg, run.mesh, teacher=run.teacher)
+  tx, schedule = make_optimizer(cfg.optim, cfg.trainer.total_steps)
+  return dataclasses.replace(run, cfg=cfg, task=task, tx=tx, schedule=schedule)
+
+
+def apply_change(run: Run, state: TrainState, change: phases.Change, step: int):
+  """(run, state) after a policy's change: the run rebuilt for the new structure, the
+  new parameters placed, and a fresh optimizer state when asked (or when the
+  parameter tree changed, since the old one no longer fits)."""
+  params = state.params if change.params is None else change.params
+  reset = change.reset_optimizer or change.params is not None
+  new = configured(run, change.state, step if reset else run.opt_start)
+  repl = mesh_lib.replicated(run.mesh)
+  params = jax.device_put(params, repl)
+  opt_state = jax.jit(new.tx.init, out_shardings=repl)(params) if reset else state.opt_state
+  return new, TrainState(step=state.step, params=params, opt_state=opt_state)
+
+
+def train_loop(run: Run, state: TrainState, workdir: str, ckpt, best, *, echo: Callable,
+               stop_after: Optional[int] = None, pstate: Optional[dict] = None) -> tuple:
+  """Steps from `state.step` to total_steps: logs, evaluates on the validation split,
+  checkpoints (periodically, on SIGTERM, at the end), keeps the best parameters, and
+  lets the phase policy act after each log and evaluation. Returns (run, state,
+  reached_end, preempted, policy state)."""
+  total, start = run.cfg.trainer.total_steps, int(state.step)
+  step_fn, eval_fn = _compile(run)
   # Rows past the restored step came from the part of a run that was lost: drop them.
   plog.truncate_metrics(workdir, start)
   writer = plog.MetricWriter(workdir, purge_step=start + 1 if start else None)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  echo(f"{cfg.model.name}: {n_params:,} parameters; {mesh.devices.size} device(s) "
-       f"{dict(mesh.shape)}; steps {start} -> {total}")
+  echo(f"{run.cfg.model.name}: {n_params:,} parameters; {run.mesh.devices.size} device(s) "
+       f"{dict(run.mesh.shape)}; steps {start} -> {total}")
 
   interval, pending, run_steps, done = [], None, 0, start
 
@@ -356,11 +491,12 @@ def train_loop(run: Run, state: TrainState, workdir: str, ckpt, best, *, echo: C
 
   bar = plog.progress(total, start)
   t0 = time.time()
-  preempted = False
+  preempted = stop = False
   try:
     with _Preemption() as preempt:
       for step in range(start, total):
-        batch = mesh_lib.shard_batch(task.train_batch(step), mesh)
+        cfg = run.cfg
+        batch = mesh_lib.shard_batch(run.task.train_batch(step), run.mesh)
         state, metrics = step_fn(state, batch, jax.random.fold_in(run.step_key, step))
         if pending is not None:
           check(pending)  # The previous step is done by now: no pipeline stall.
@@ -370,6 +506,7 @@ def train_loop(run: Run, state: TrainState, workdir: str, ckpt, best, *, echo: C
         bar.update(1)
         run_steps += 1
         at_end = done == total
+        changed = False
         if done % cfg.trainer.log_every == 0 or at_end:
           check(pending)
           means = {k: float(np.mean(v)) for k, v in jax.device_get(
@@ -378,43 +515,63 @@ def train_loop(run: Run, state: TrainState, workdir: str, ckpt, best, *, echo: C
           writer.write(done, means)
           bar.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
           interval, t0 = [], time.time()
+          if run.policy is not None:
+            pstate = run.policy.on_log(pstate, done, means)
         if done % cfg.trainer.eval_every == 0 or at_end:
           check(pending)
-          val = evaluate(task, eval_fn, state.params, mesh)
+          val = evaluate(run.task, eval_fn, state.params, run.mesh)
           writer.write(done, val, split="eval")
           best.save(done, state.params, metrics=val)
           bar.write(f"step {done}: val {plog.format_metrics(val)}")
-        if done % cfg.trainer.ckpt_every == 0 or at_end or preempt.requested:
+          if run.policy is not None:
+            evaluated = pstate
+            change = run.policy.on_eval(
+                _policy_context(run, state, workdir, done, val, pstate))
+            if change is not None:
+              pstate = change.state
+              if change.params is not None or change.reset_optimizer:
+                run, state = apply_change(run, state, change, done)
+                step_fn, eval_fn = _compile(run)
+                changed = True
+              if change.phase:
+                writer.write(done, {"phase": change.phase}, split="phase")
+                bar.write(f"step {done}: phase {change.phase}")
+              stop = change.stop
+            phases.save_record(workdir, done, pstate, evaluated, opt_start=run.opt_start)
+        if (done % cfg.trainer.ckpt_every == 0 or at_end or preempt.requested or changed
+            or stop):
           check(pending)
+          if run.policy is not None:
+            phases.save_record(workdir, done, pstate, opt_start=run.opt_start, keep=True)
           ckpt.save(done, state)
         if preempt.requested:
           preempted = True
           bar.write(f"SIGTERM: saved checkpoint at step {done}; rerun the same command "
                     "to resume.")
           break
-        if stop_after is not None and run_steps >= stop_after:
+        if stop or (stop_after is not None and run_steps >= stop_after):
           break
   finally:
     bar.close()
     writer.close()
-  return state, done >= total, preempted
+  return run, state, done >= total or stop, preempted, pstate
 
 
 def finish(run: Run, state: TrainState, workdir: str, best) -> dict:
   """Scores the checkpoint selected on validation once on the test split and writes
   final_metrics.json: the headline (test, or validation where the data has no test
   split) flat, plus "val" and "test" blocks and which step was selected."""
-  task, mesh = run.task, run.mesh
-  repl, data_sh = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
-  eval_fn = jax.jit(task.eval_fn, in_shardings=(repl, data_sh), out_shardings=repl)
   selected = best.best_step()
   params = state.params
   if selected is not None and selected != int(state.step):
-    params = best.restore(selected, jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), state.params))
-  val = evaluate(task, eval_fn, params, mesh)
-  test = evaluate(task, eval_fn, params, mesh, split="test") if task.test_batches else None
-  metric, mode = task.select
+    if run.policy is not None:  # the structure the selected parameters were trained in
+      run = configured(run, phases.load_record(workdir, selected)["evaluated"])
+    params = best.restore(selected, abstract_state(run).params)
+  eval_fn = _compile(run)[1]
+  val = evaluate(run.task, eval_fn, params, run.mesh)
+  test = (evaluate(run.task, eval_fn, params, run.mesh, split="test")
+          if run.task.test_batches else None)
+  metric, mode = run.task.select
   final = {"step": int(state.step), "selected_step": selected or int(state.step),
            "selected_on": f"val {metric} ({mode})", "split": "test" if test else "val",
            **(test or val), "val": val, "test": test}
@@ -431,18 +588,18 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
 
   `stop_after` ends the run after that many steps of this invocation without a final
   checkpoint, as a crash would (tests use it to check resumption). Returns the final
-  metrics (`finish`; empty when the run stopped early) plus `state`, `resumed_from` and
-  `preempted`.
+  metrics (`finish`; empty when the run stopped early) plus `state`, `resumed_from`,
+  `preempted` and, with a phase policy, `policy_state`.
   """
   cfg = resolve_paths(cfg)
   check_rerun(cfg, workdir, allow_config_change=allow_config_change, echo=echo)
   run = build_run(cfg)
-  state, resumed_from, ckpt = init_or_restore(run, workdir, echo)
+  run, state, resumed_from, ckpt, pstate = init_or_restore(run, workdir, echo)
   write_config(cfg, workdir)
   best = _best_checkpointer(workdir, run.task)
   try:
-    state, reached_end, preempted = train_loop(run, state, workdir, ckpt, best, echo=echo,
-                                               stop_after=stop_after)
+    run, state, reached_end, preempted, pstate = train_loop(
+        run, state, workdir, ckpt, best, echo=echo, stop_after=stop_after, pstate=pstate)
   finally:
     ckpt.close()
   final = {}
@@ -455,4 +612,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   if jax.process_index() == 0:
     plots.training_curves(plog.read_metrics(workdir), os.path.join(workdir, "curves.png"),
                           title=f"{cfg.model.name} ({workdir})")
-  return dict(final, state=state, resumed_from=resumed_from, preempted=preempted)
+  out = dict(final, state=state, resumed_from=resumed_from, preempted=preempted)
+  if run.policy is not None:
+    if reached_end:
+      run.policy.finish(pstate, workdir)
+    out["policy_state"] = pstate
+  return out

@@ -428,6 +428,39 @@ def _flat(tree, prefix=()):
     yield prefix, tree
 
 
+def correlation_loss(params: Params, batch: Any, *, apply_fn: Callable,
+                     loss_fn: Callable, normalize: bool = False):
+  """(-S, task loss): rule "cc"'s objective, S summed over the wrapped layers.
+
+  S is each layer's newest dendrite's `cascade_correlation` with e = dL/dy of the layer's
+  outputs under the task loss (taken with all parameters frozen: e carries no
+  gradient). Only the candidates should move: mask the update with `candidate_mask`
+  (dendrite_step does), or, as a loss of its own, differentiate `-S` with the other
+  parameters behind `lax.stop_gradient` (the "candidates" phase of train/phases.py).
+  apply_fn and loss_fn as in `dendrite_step`.
+  """
+  # dL/dy at every wrapped layer: the gradient of a zero perturbation added to y.
+  _, zeros = apply_fn({"params": params}, batch, [ERRORS])
+  if ERRORS not in zeros:
+    raise errors.ConfigError(
+        "rule 'cc' trains the newest dendrite, but the model ran no DendriticDense with "
+        "num_dendrites >= 1: grow the params and build the model with the new count")
+
+  def task_loss(probe):
+    out, _ = apply_fn({"params": params, ERRORS: probe}, batch, [])
+    return loss_fn(out, batch)
+
+  task, err = jax.value_and_grad(task_loss)(zeros[ERRORS])
+  err = dict(_only(jax.lax.stop_gradient(err), ERRORS))
+  err = {path[:-1]: value for path, value in err.items()}  # drop the "output" leaf name
+
+  _, acts = apply_fn({"params": params}, batch, [ACTIVATIONS])
+  total = 0.0
+  for path, a in _only(acts[ACTIVATIONS], ACTIVATIONS):
+    total = total + cascade_correlation(a, err[path[:-1]], normalize=normalize)
+  return -total, task
+
+
 def dendrite_step(params: Params, opt_state: Any, batch: Any, *, rule: str,
                   apply_fn: Callable, loss_fn: Callable, tx: Any,
                   normalize: bool = False):
@@ -455,30 +488,10 @@ def dendrite_step(params: Params, opt_state: Any, batch: Any, *, rule: str,
   if rule != "cc":
     raise errors.unknown_key("dendrite rule", rule, ("gd", "cc"))
 
-  # dL/dy at every wrapped layer: the gradient of a zero perturbation added to y.
-  _, zeros = apply_fn({"params": params}, batch, [ERRORS])
-  if ERRORS not in zeros:
-    raise errors.ConfigError(
-        "rule 'cc' trains the newest dendrite, but the model ran no DendriticDense with "
-        "num_dendrites >= 1: grow the params and build the model with the new count")
-
-  def task_loss(probe):
-    out, _ = apply_fn({"params": params, ERRORS: probe}, batch, [])
-    return loss_fn(out, batch)
-
-  task, err = jax.value_and_grad(task_loss)(zeros[ERRORS])
-  err = dict(_only(jax.lax.stop_gradient(err), ERRORS))
-  err = {path[:-1]: value for path, value in err.items()}  # drop the "output" leaf name
-
-  def neg_correlation(p):
-    _, acts = apply_fn({"params": p}, batch, [ACTIVATIONS])
-    total = 0.0
-    for path, a in _only(acts[ACTIVATIONS], ACTIVATIONS):
-      total = total + cascade_correlation(a, err[path[:-1]], normalize=normalize)
-    return -total
-
+  objective = functools.partial(correlation_loss, batch=batch, apply_fn=apply_fn,
+                                loss_fn=loss_fn, normalize=normalize)
   mask = candidate_mask(params)
-  value, grads = jax.value_and_grad(neg_correlation)(params)
+  (value, task), grads = jax.value_and_grad(objective, has_aux=True)(params)
   zero = lambda g, m: g if m else jnp.zeros_like(g)  # noqa: E731
   grads = jax.tree.map(zero, grads, mask)
   updates, opt_state = tx.update(grads, opt_state, params)
@@ -693,3 +706,12 @@ def update(state: TrackerState, score: float, cfg: TrackerConfig = TrackerConfig
   new = TrackerState(now=_pack(c), saved=_pack(saved))
   return new, Decision(action=action, save_best=save_best, num_dendrites=c["num_dendrites"],
                        save_grown=save_grown)
+
+
+def tracker_to_json(state: TrackerState) -> dict:
+  """The tracker as JSON (Python ints, floats and bools), for a run's phase state."""
+  return {"now": _unpack(state.now), "saved": _unpack(state.saved)}
+
+
+def tracker_from_json(d: Mapping) -> TrackerState:
+  return TrackerState(now=_pack(d["now"]), saved=_pack(d["saved"]))

@@ -67,7 +67,7 @@ def test_minilm_init_loads_the_checkpoint_and_abstract_init_reads_nothing(
   (and dendrites) are new; jax.eval_shape(init), as restoring a run does, loads nothing."""
   _, want = bert.from_hf(minilm_path)
   cfg = _cfg("minilm_gd,smoke", tokenizer="checkpoint", buckets="128")
-  cfg.model.update(init_from="minilm", preset="")
+  cfg.model.update(init_from="minilm", preset="", dendrites=1)
   task = tasks.build(cfg, mesh)
   params = jax.jit(task.init)(jax.random.key(0))
   plain = {k: v for k, v in _flatten(params["bert"]).items() if not _is_dendrite(k)}
@@ -106,6 +106,8 @@ def test_dsn_wide_matches_the_dendritic_dans_count(mesh):
   counts = {}
   for preset in ("dsn", "dsn_gd", "dsn_wide"):
     cfg = dendritic_bert.get_config(preset)
+    if preset == "dsn_gd":  # the tracker's first dendrite, which dsn_wide matches
+      cfg.model.dendrites = 1
     model = tasks.build_text_model(cfg.model, 30522, None)
     shapes = jax.eval_shape(lambda m=model: bert.init_params(m, jax.random.key(0)))
     counts[preset] = params_lib.breakdown(shapes)
@@ -127,7 +129,7 @@ def test_missing_checkpoint_and_data_say_what_to_do(mesh, monkeypatch):
   with pytest.raises(errors.MissingDataError, match="--config.data.source=local:DIR"):
     tasks.build(cfg, mesh)
   cfg = _cfg("dsn,smoke")
-  cfg.optim.lr_scales.word_embeddings = 1.0
+  cfg.model.freeze_embeddings = True  # but the table's lr factor is still 1
   with pytest.raises(errors.ConfigError, match="lr_scales.word_embeddings"):
     tasks.build(cfg, mesh)
   cfg = _cfg("minilm,smoke", tokenizer="checkpoint")

@@ -1,0 +1,45 @@
+"""benchmarks/dendritic_bert_table.py: run configs per budget and the goals' arithmetic."""
+
+import json
+
+import pytest
+
+from benchmarks import dendritic_bert_table as dbt
+
+
+def _row(mean, std, flops=1e6, seeds=3):
+  return dict(dev_accuracy=dict(mean=mean, std=std), flops_per_example=flops, seeds=seeds)
+
+
+def test_goals_compare_means_against_the_seed_spread():
+  rows = {"minilm": _row(0.91, 0.0, flops=1.44e9, seeds=1), "minilm_gd": _row(0.905, 0.0),
+          "dsn_gd": _row(0.862, 0.004), "dsn_cc": _row(0.85, 0.002),
+          "dsn_wide": _row(0.855, 0.003)}
+  goals = dbt.check_goals(rows)
+  assert goals["dsn_86_at_1pct_flops"]["met"]  # dsn_gd: 86.2% at 0.07% of the FLOPs
+  assert goals["dsn_gd_beats_wide"]["met"]  # +0.7 points > 0.4 spread
+  assert not goals["dsn_cc_beats_wide"]["met"]  # -0.5 points
+  assert not goals["minilm_gd_at_least_minilm"]["met"]
+  assert "minilm_cc_at_least_minilm" not in goals  # not built: not judged
+  rows["dsn_gd"] = _row(0.862, 0.009)  # the same margin within a wider spread
+  assert not dbt.check_goals(rows)["dsn_gd_beats_wide"]["met"]
+
+
+def test_row_configs_follow_the_budget():
+  short = dbt.BUDGETS["short"]
+  cfg = dbt.row_config("minilm_cc", short, seed=0, data="local:/data/sst-2")
+  assert cfg.trainer.total_steps == 60 and cfg.trainer.eval_every == 20
+  assert cfg.data.valid_fraction == 0.01 and cfg.policy.candidate_steps == 20
+  assert cfg.data.source == "local:/data/sst-2"
+  cfg = dbt.row_config("dsn_wide", dbt.BUDGETS["full"], seed=2, data="x", match_k=2)
+  assert cfg.seed == 2 and cfg.model.width == 770 and cfg.trainer.total_steps == 2000
+  assert list(dbt.seeds("minilm", dbt.BUDGETS["full"])) == [0]
+  assert list(dbt.seeds("dsn_cc", dbt.BUDGETS["full"])) == [0, 1, 2]
+
+
+def test_training_time_sums_train_rows_only(tmp_path):
+  rows = [{"step": 50, "split": "train", "steps_per_s": 10.0},
+          {"step": 50, "split": "eval", "accuracy": 0.5},
+          {"step": 100, "split": "train", "steps_per_s": 5.0}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert dbt.train_seconds(str(tmp_path)) == pytest.approx(5.0 + 10.0)
