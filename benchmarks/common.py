@@ -3,7 +3,9 @@
 
 import datetime
 import functools
+import importlib
 import json
+import multiprocessing
 import os
 import platform
 import time
@@ -12,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ponder import errors
 from train import trainer
 
 
@@ -33,7 +36,8 @@ def machine(**extra) -> dict:
   return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
               cpu_count=os.cpu_count(), processor=cpu_name(), jax_version=jax.__version__,
-              load_average_start=os.getloadavg(), **extra)
+              load_average_start=os.getloadavg(), glibc_tunables=os.environ.get(
+                  "GLIBC_TUNABLES", ""), bf16_matmul_hardware=bf16_matmul_hardware(), **extra)
 
 
 def write_json(path: str, result: dict) -> None:
@@ -94,13 +98,115 @@ def op_breakdown(run, *, top: int = 8, runs: int = 2) -> dict:
       for name, s in list(seconds.items())[:top]])
 
 
-def torch_matmul_peak(n: int = 2048) -> float:
-  """PyTorch's dense n x n float32 matmul FLOP/s on this machine (the XLA side's is
-  `analysis.matmul_peak_flops`); MFU takes the better of the two as the peak."""
+# A 1-minute load average above this on the 2-core machine means other work shared the
+# cores during the run: its ratios hold, its absolute rates and MFU do not.
+LOADED = 1.5
+PEAK_SIZES = (512, 1024, 2048)
+# The two matmul precisions a step can use: float32, and bfloat16 operands with float32
+# accumulation (`preferred_element_type=float32`; a bf16 result picks a slower kernel).
+PEAK_DTYPES = ("float32", "bfloat16")
+
+
+def cpu_flags() -> set:
+  """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      lines = [line for line in f if line.startswith("flags")]
+  except OSError:  # Not Linux.
+    lines = []
+  return set(lines[0].split(":", 1)[1].split()) if lines else set()
+
+
+def bf16_matmul_hardware() -> bool:
+  """Whether bfloat16 matmuls can beat float32 here: an accelerator, or a CPU with
+  AVX512_BF16 (without it XLA:CPU converts bf16 to f32 and runs slower than f32)."""
+  return jax.default_backend() != "cpu" or "avx512_bf16" in cpu_flags()
+
+
+def load_record(start, end, limit: float = LOADED) -> dict:
+  """The 1-minute load averages around a measurement, and whether either exceeded
+  `limit` (`loaded`: absolute rates and MFU of that run are not the machine's)."""
+  return dict(load_average_start=list(start), load_average_end=list(end),
+              loaded=bool(max(start[0], end[0]) > limit), loaded_above=limit)
+
+
+def finish_machine(record: dict, start: float) -> None:
+  """Completes a `machine()` record at the end of a run started at perf_counter
+  `start`: the load after it (`load_record`) and the wall time."""
+  record.update(load_record(record["load_average_start"], os.getloadavg()),
+                wall_s=time.perf_counter() - start)
+
+
+def _xla_matmul(dtype: str, n: int):
+  a = jax.random.normal(jax.random.key(n), (n, n), jnp.dtype(dtype))
+  matmul = jax.jit(functools.partial(jnp.matmul, preferred_element_type=jnp.float32))
+  jax.block_until_ready(matmul(a, a))  # Compiled here, not in a timed call.
+  return lambda: jax.block_until_ready(matmul(a, a))
+
+
+def _torch_matmul(dtype: str, n: int):
   import torch  # pylint: disable=g-import-not-at-top
-  from ponder import analysis  # pylint: disable=g-import-not-at-top
-  a = torch.randn(n, n)
-  return 2 * n ** 3 / analysis.measure(lambda: a @ a)["median_s"]
+  a = torch.randn(n, n).to(getattr(torch, dtype))  # bf16 @ bf16 accumulates in f32 (oneDNN).
+  return lambda: a @ a
+
+
+class PeakProbe:
+  """Dense-matmul peaks (FLOP/s) per precision: the best over `sizes` and every call.
+
+  The denominator of MFU. One probe call times one n x n matmul per (framework, dtype,
+  size); a benchmark calls it between rounds of its own steps (e.g. as one more entry
+  of `analysis.measure_interleaved`), so that the peak is taken under the same load as
+  the steps and the best of many calls approaches what an idle core sustains. A single
+  matmul timed before the steps under load gave a peak 2.8x too low.
+
+  `frameworks` maps a name to make(dtype, n) -> a no-argument callable that runs (and
+  finishes) that matmul; `clock` is the timer.
+  """
+
+  def __init__(self, sizes=PEAK_SIZES, dtypes=PEAK_DTYPES, frameworks=None,
+               clock=time.perf_counter):
+    frameworks = frameworks or {"xla": _xla_matmul}
+    self._clock = clock
+    self._runs = {(fw, dtype, n): make(dtype, n) for fw, make in frameworks.items()
+                  for dtype in dtypes for n in sizes}
+    self.best = {key: 0.0 for key in self._runs}  # FLOP/s per (framework, dtype, size).
+    self.calls = 0
+
+  def __call__(self) -> None:
+    for (fw, dtype, n), run in self._runs.items():
+      start = self._clock()
+      run()
+      seconds = self._clock() - start
+      self.best[fw, dtype, n] = max(self.best[fw, dtype, n], 2 * n ** 3 / seconds)
+    self.calls += 1
+
+  def peak(self, dtype: str) -> float:
+    """The best FLOP/s at `dtype` over every framework, size and call."""
+    return max(flops for (_, d, _), flops in self.best.items() if d == dtype)
+
+  def record(self) -> dict:
+    """The JSON record: peak per dtype, the best per framework/dtype/size, calls."""
+    return dict(peak_flops={d: self.peak(d) for d in sorted({d for _, d, _ in self.best})},
+                best_flops={f"{fw}/{d}/{n}": v for (fw, d, n), v in self.best.items()},
+                calls=self.calls, definition="best over sizes and calls of 2 n^3 / time "
+                "of one n x n matmul with float32 accumulation")
+
+
+def peak_probe(**kwargs) -> PeakProbe:
+  """A `PeakProbe` over XLA's and, where installed, PyTorch's matmuls."""
+  frameworks = {"xla": _xla_matmul}
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    frameworks["torch"] = _torch_matmul
+  except ImportError:
+    pass
+  return PeakProbe(frameworks=frameworks, **kwargs)
+
+
+def mfu(flops_per_step: float, step_s: float, peak_flops: float) -> float:
+  """Model FLOP utilisation: the step's FLOPs per second over the matmul peak of the
+  precision it multiplies in."""
+  return flops_per_step / step_s / peak_flops
 
 
 def torch_train_step(model, cfg, steps: int, loss_of):
@@ -153,3 +259,69 @@ def train(cfg, workdir: str, echo=print) -> dict:
     raise SystemExit(f"stopped by SIGTERM; {workdir} is checkpointed: rerun the same "
                      "command to resume.")
   return result
+
+
+def system_allocator_env() -> dict:
+  """This process's environment without the memory-reusing glibc tunables
+  (`train.cli.REUSE_MEMORY_TUNABLES`): the allocator ponder ran with before them."""
+  from train import cli  # pylint: disable=g-import-not-at-top
+  tunables = os.environ.get("GLIBC_TUNABLES", "").replace(cli.REUSE_MEMORY_TUNABLES, "")
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  if tunables.strip(":"):
+    env["GLIBC_TUNABLES"] = tunables.strip(":")
+  return env
+
+
+def _step_worker(conn, builder: str, kwargs: dict) -> None:
+  module, name = builder.split(":")
+  run, info = getattr(importlib.import_module(module), name)(**kwargs)
+  conn.send({k: v for k, v in info.items() if k != "final_loss"})
+  while conn.recv() == "step":
+    jax.block_until_ready(run())
+    conn.send(float(info["final_loss"]))
+  conn.close()
+
+
+class ChildStep:
+  """A train step that runs in a child process with its own environment, one call at a
+  time: a side of a round-robin comparison whose allocator differs from this
+  process's (glibc reads GLIBC_TUNABLES once, at process start).
+
+  `builder` ("module:function") is called in the child with `kwargs` and returns
+  (run, info) like `jitted_train_step`. Calling the ChildStep runs one step there and
+  waits for it; `info` holds the child's info and, after a call, its final_loss. The
+  pipe's round trip (well under a millisecond) is in the time a caller measures.
+  """
+
+  def __init__(self, builder: str, kwargs: dict, env: dict):
+    ctx = multiprocessing.get_context("spawn")
+    self._builder = builder
+    self._conn, child = ctx.Pipe()
+    saved = dict(os.environ)
+    os.environ.clear()  # A spawned child starts with the parent's environment of now.
+    os.environ.update(env)
+    try:
+      self._process = ctx.Process(target=_step_worker, args=(child, builder, kwargs),
+                                  daemon=True)
+      self._process.start()
+    finally:
+      os.environ.clear()
+      os.environ.update(saved)
+    self.info = self._receive()
+
+  def _receive(self):
+    while not self._conn.poll(1.0):
+      if not self._process.is_alive():
+        raise errors.PonderError(
+            f"the child process of {self._builder} exited with code "
+            f"{self._process.exitcode}; its traceback is on stderr above.")
+    return self._conn.recv()
+
+  def __call__(self):
+    self._conn.send("step")
+    self.info["final_loss"] = self._receive()
+    return self.info["final_loss"]
+
+  def close(self) -> None:
+    self._conn.send("stop")
+    self._process.join(timeout=60)

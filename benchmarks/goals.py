@@ -25,6 +25,11 @@ VIT_THROUGHPUT = dict(min_speedup=1.5)
 # benchmarks/lm_throughput.py: ponder's training step against the faster peer.
 LM_THROUGHPUT = dict(min_speedup=1.2)
 
+# Issue 21 (CPU speed, round 2), both throughput benchmarks: the new default step
+# against the old default (system allocator, float32, 3-D dense) in the same run, the
+# bf16 step against the float32 one, and (ViT) float32 against torch eager.
+CPU_SPEED = dict(min_over_old_default=1.3, min_bf16_over_f32=1.5, min_vit_over_torch_eager=1.0)
+
 
 def _at_most(value, limit) -> bool:
   return bool(value <= limit + _TOL)
@@ -115,3 +120,23 @@ def lm_throughput(training: dict) -> dict:
   needs_mfu = LM_THROUGHPUT["min_speedup"] * peers[best] * ponder["mfu"] / ponder["tokens_per_s"]
   return dict(LM_THROUGHPUT, best_peer=best, speedup_vs_best_peer=speedup,
               needs_mfu=needs_mfu, met=_at_least(speedup, LM_THROUGHPUT["min_speedup"]))
+
+
+def cpu_speed(rates: dict) -> dict:
+  """Issue 21's goals from one run's rates (items/s) of the sides "ponder" (the new
+  default), "ponder_old_default", optionally "ponder_bf16" and "torch_eager" (the
+  float32 peer the ViT goal is against); a missing side's ratio and check are None."""
+  def ratio(a, b):
+    return rates[a] / rates[b] if rates.get(a) and rates.get(b) else None
+
+  def check(value, limit):
+    return None if value is None else _at_least(value, limit)
+
+  over_old = ratio("ponder", "ponder_old_default")
+  bf16 = ratio("ponder_bf16", "ponder")
+  eager = ratio("ponder", "torch_eager")
+  return dict(CPU_SPEED, over_old_default=over_old,
+              over_old_default_met=check(over_old, CPU_SPEED["min_over_old_default"]),
+              bf16_over_f32=bf16, bf16_met=check(bf16, CPU_SPEED["min_bf16_over_f32"]),
+              over_torch_eager=eager,
+              over_torch_eager_met=check(eager, CPU_SPEED["min_vit_over_torch_eager"]))

@@ -16,8 +16,16 @@ All three start from the same weights (ponder's initialisation written with
 dropout off, so their final losses agree: a check that they compute the same thing.
 The sides step in round robin and the median synced step time is kept.
 
+Issue 21's sides, in the same round robin: `ponder_old_default` (the system
+allocator, float32, 3-D `nn.Dense`; a child process, `common.ChildStep`),
+`ponder_chunked_ce` (the tied output layer and cross-entropy `CE_CHUNK` tokens at a
+time, `lm.tied_token_nll`), `ponder_bf16` (dtype=bfloat16: bf16 matmuls with float32
+accumulation forward and backward) beside `torch_bf16` (torch's CPU autocast). The
+other sides share this process's allocator (`--reuse_memory`).
+
 MFU: compiled training FLOPs per step (XLA's count for ponder's step) x steps/s over
-the machine's measured dense-matmul FLOP/s (the better of XLA's and torch's);
+the matmul peak of the side's precision (`common.PeakProbe`, measured between the
+rounds of the steps; a run above load 1.5 is marked `loaded`);
 `goal` (`benchmarks.goals.lm_throughput`) checks ponder at 1.2x the faster peer, and
 `goal_needs_mfu` is the MFU such a step would need. `top_ops`, for the two JAX sides, is
 where their step's time goes, op by op, from a profiler trace taken after the timed
@@ -30,6 +38,7 @@ step (`use_cache=False`), greedy, batch 1; tokens/s of new tokens.
 import functools
 import os
 import tempfile
+import time
 
 from absl import app
 from absl import flags
@@ -40,11 +49,12 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks import goals
-from configs import gpt2_lm
+from benchmarks import steps as step_lib
 from models import gpt2
 from ponder import analysis
 from ponder import errors
 from ponder import lm
+from train import cli
 from train import tasks
 
 try:
@@ -61,89 +71,106 @@ _QUICK = flags.DEFINE_bool("quick", False,
                            "~1 minute: a 2-layer model, batch 4, sequence 64, fewer runs.")
 _RUNS = flags.DEFINE_integer("runs", 10, "Timed steps per side (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per side after its first.")
+_BF16 = flags.DEFINE_bool("bf16", True, "Also time ponder with dtype=bfloat16 and torch "
+                          "under bf16 autocast.")
+_OLD_DEFAULT = flags.DEFINE_bool(
+    "old_default", True, "Also time ponder's pre-issue-21 default step (system allocator, "
+    "float32, 3-D nn.Dense) in a child process, in the same round robin.")
+_REUSE_MEMORY = flags.DEFINE_bool("reuse_memory", True, "As train.main's --reuse_memory.")
 _DECODE_TOKENS = flags.DEFINE_integer("decode_tokens", 112,
                                       "New tokens per decoding run (after a 16-token prompt).")
 
-VOCAB = 50257  # GPT-2 BPE.
 PROMPT_LEN = 16
 
 
-def _config(quick: bool):
-  """configs/gpt2_lm.py:wikitext2 (the model trained in WORKSPACE.md), dropout off."""
-  cfg = gpt2_lm.get_config("wikitext2")
-  cfg.model.update(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-  if quick:
-    cfg.model.n_layer = 2
-    cfg.trainer.batch_size, cfg.data.seq_len = 4, 64
-  return cfg
-
-
-def _hf_flax_loss(params, batch, key, *, model, train: bool):
-  """tasks.lm_loss for transformers' Flax GPT-2 (same NLL, same shifted targets)."""
+def _hf_flax_loss(params, batch, key, *, model, train: bool, step=None):
+  """tasks.lm_loss for transformers' Flax GPT-2 (same NLL, same shifted targets; the
+  trainer's `step` is not read)."""
+  del step
   tokens = batch["tokens"]
   logits = model(tokens[:, :-1], params=params, train=train, dropout_rng=key).logits
   return lm.token_nll(logits, tokens[:, 1:]).mean(), {}
 
 
-def _torch_step(cfg, directory, tokens, total_steps):
-  """transformers' PyTorch GPT-2 from the same weights, in the same step."""
+def _torch_step(cfg, directory, tokens, total_steps, dtype="float32"):
+  """transformers' PyTorch GPT-2 from the same weights, in the same step; bfloat16 is
+  the forward under torch's CPU autocast (the peer of ponder's dtype=bfloat16)."""
   model = transformers.GPT2LMHeadModel.from_pretrained(directory).train()
   ids = torch.from_numpy(tokens.astype(np.int64))
   inputs, targets = ids[:, :-1], ids[:, 1:]
 
   def loss_of():
-    logits = model(inputs).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+      logits = model(inputs).logits.float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
   return common.torch_train_step(model, cfg, total_steps, loss_of)
 
 
-def _training(cfg, *, warmup: int, runs: int, peak: float) -> dict:
-  model = tasks.build_lm_model(cfg, VOCAB)
+def _training(quick: bool, *, warmup: int, runs: int, probe, bf16: bool,
+              old_default: bool) -> dict:
+  cfg, model, tokens, params = step_lib.lm_setup(quick, "float32")
   bs, seq = cfg.trainer.batch_size, cfg.data.seq_len
-  tokens = np.random.default_rng(cfg.seed).integers(0, VOCAB, (bs, seq + 1)).astype(np.int32)
-  params = jax.jit(model.init)(jax.random.key(cfg.seed), jnp.asarray(tokens[:, :-1]))["params"]
-  total_steps = 1 + warmup + runs
+  total_steps = 2 + warmup + runs
   out = dict(config="configs/gpt2_lm.py:wikitext2 (dropout 0)", batch_size=bs, seq_len=seq,
              n_layer=model.config.n_layer, n_embd=model.config.n_embd,
-             n_head=model.config.n_head, vocab_size=VOCAB,
-             params=analysis.count_params(params))
+             n_head=model.config.n_head, vocab_size=step_lib.VOCAB,
+             params=analysis.count_params(params), ce_chunk=step_lib.CE_CHUNK)
   batch = {"tokens": jnp.asarray(tokens)}
   steps = {}
+  variants = [("ponder", "float32", tasks.lm_loss),
+              ("ponder_chunked_ce", "float32", step_lib.chunked_ce_loss)]
+  variants += [("ponder_bf16", "bfloat16", tasks.lm_loss)] if bf16 else []
+  for side, dtype, loss in variants:
+    print(f"compiling ponder's jitted train step ({side}) ...", flush=True)
+    steps[side], out[side] = step_lib.lm_step(quick, dtype, loss)
+  if old_default:
+    print("compiling the old default step in a child process ...", flush=True)
+    child = common.ChildStep("benchmarks.steps:lm_old_default_step",
+                             dict(quick=quick), common.system_allocator_env())
+    steps["ponder_old_default"], out["ponder_old_default"] = child, child.info
   with tempfile.TemporaryDirectory(prefix="gpt2_bench_") as directory:
     gpt2.to_hf(model, jax.device_get(params), directory)
-    print("compiling ponder's jitted train step ...", flush=True)
-    steps["ponder"], out["ponder"] = common.jitted_train_step(
-        functools.partial(tasks.lm_loss, model=model), cfg, params, batch)
     print("loading and compiling transformers' FlaxGPT2LMHeadModel ...", flush=True)
     hf = transformers.FlaxGPT2LMHeadModel.from_pretrained(directory, from_pt=True)
     steps["hf_flax"], out["hf_flax"] = common.jitted_train_step(
         functools.partial(_hf_flax_loss, model=hf), cfg, hf.params, batch)
-    print("first step of transformers' PyTorch GPT2LMHeadModel ...", flush=True)
-    steps["torch"], out["torch"] = _torch_step(cfg, directory, tokens, total_steps)
-  for name in ("ponder", "hf_flax"):
-    steps[name]()  # So that every side has taken the same number of steps.
+    for side, dtype in [("torch", "float32")] + ([("torch_bf16", "bfloat16")] if bf16 else []):
+      print(f"first step of transformers' PyTorch GPT2LMHeadModel ({dtype}) ...", flush=True)
+      steps[side], out[side] = _torch_step(cfg, directory, tokens, total_steps, dtype)
+  for side in steps:
+    if not side.startswith("torch"):
+      steps[side]()  # So that every side has taken the same number of steps.
   print(f"timing {', '.join(steps)} in round robin ...", flush=True)
-  timings = analysis.measure_interleaved(steps, warmup=warmup, runs=runs)
+  timings = analysis.measure_interleaved(dict(steps, peak_probe=probe), warmup=warmup,
+                                         runs=runs)
+  timings.pop("peak_probe")
+  if old_default:
+    child.close()
   final_losses = {side: float(out[side]["final_loss"]) for side in steps}
   # Profiling takes more steps: the final losses are read before it.
-  print("profiling the two JAX steps op by op ...", flush=True)
-  for side in ("ponder", "hf_flax"):
+  print("profiling the JAX steps op by op ...", flush=True)
+  for side in ("ponder", "ponder_chunked_ce", "hf_flax"):
     out[side]["top_ops"] = common.op_breakdown(steps[side])
   flops = out["ponder"]["train_flops_per_step_compiled"]
   for side, timing in timings.items():
-    out[side].update(timing, final_loss=final_losses[side],
+    dtype = "bfloat16" if side.endswith("_bf16") else "float32"
+    out[side].update(timing, final_loss=final_losses[side], precision=dtype,
                      tokens_per_s=bs * seq / timing["median_s"],
-                     mfu=flops / timing["median_s"] / peak)
+                     mfu=common.mfu(flops, timing["median_s"], probe.peak(dtype)))
+  out["cpu_speed"] = goals.cpu_speed({side: out[side]["tokens_per_s"] for side in timings})
+  out["chunked_ce_over_full"] = (out["ponder_chunked_ce"]["tokens_per_s"]
+                                 / out["ponder"]["tokens_per_s"])
   return out
 
 
 def _decoding(cfg, *, new_tokens: int, runs: int) -> dict:
-  model = tasks.build_lm_model(cfg, VOCAB)
+  model = tasks.build_lm_model(cfg, step_lib.VOCAB)
   if PROMPT_LEN + new_tokens > model.config.n_positions:
     raise errors.ConfigError(f"--decode_tokens={new_tokens} + the {PROMPT_LEN}-token prompt "
                              f"exceeds the model's {model.config.n_positions} positions.")
-  prompt = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (1, PROMPT_LEN)), jnp.int32)
+  prompt = jnp.asarray(np.random.default_rng(1).integers(0, step_lib.VOCAB, (1, PROMPT_LEN)),
+                       jnp.int32)
   params = jax.jit(model.init)(jax.random.key(0), prompt)["params"]
   run = lambda use_cache: lambda: gpt2.generate(
       model, params, prompt, key=jax.random.key(0), max_new_tokens=new_tokens,
@@ -165,15 +192,23 @@ def _print_summary(result: dict) -> None:
         f"1-min load {m['load_average_start'][0]:.2f} -> {m['load_average_end'][0]:.2f}")
   print(f"GPT-2 {t['n_layer']}x{t['n_embd']} ({t['params']:,} params), batch "
         f"{t['batch_size']} x seq {t['seq_len']}\n")
-  print(f"{'side':8} {'tokens/s':>9} {'step ms':>8} {'MFU':>6} {'ponder x':>8} "
+  print(f"{'side':18} {'tokens/s':>9} {'step ms':>8} {'MFU':>6} {'ponder x':>8} "
         f"{'final loss':>10}")
-  for side in ("ponder", "hf_flax", "torch"):
+  for side in [k for k in t if isinstance(t[k], dict) and "tokens_per_s" in t[k]]:
     s = t[side]
-    print(f"{side:8} {s['tokens_per_s']:9.0f} {1e3 * s['median_s']:8.1f} {s['mfu']:6.1%} "
+    print(f"{side:18} {s['tokens_per_s']:9.0f} {1e3 * s['median_s']:8.1f} {s['mfu']:6.1%} "
           f"{t['ponder']['tokens_per_s'] / s['tokens_per_s']:8.2f} {s['final_loss']:10.6f}")
-  print(f"matmul peak {result['peak_matmul_flops'] / 1e9:.1f} GFLOP/s; 1.2x the faster peer "
-        f"needs MFU {result['goal_needs_mfu']:.1%}")
-  for side in ("ponder", "hf_flax"):
+  peaks = result["peak"]["peak_flops"]
+  print("matmul peak: " + ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in peaks.items())
+        + f" (best of {result['peak']['calls']} rounds between the steps)"
+        + ("; LOADED: absolute rates and MFU are not this machine's" if m["loaded"] else ""))
+  print(f"1.2x the faster peer needs MFU {result['goal_needs_mfu']:.1%}")
+  c = t["cpu_speed"]
+  fmt = lambda v: "-" if v is None else f"{v:.2f}"
+  print(f"new default x{fmt(c['over_old_default'])} the old default (goal "
+        f"x{c['min_over_old_default']}); bf16 x{fmt(c['bf16_over_f32'])} float32 (goal "
+        f"x{c['min_bf16_over_f32']}); chunked CE x{t['chunked_ce_over_full']:.2f} full logits")
+  for side in ("ponder", "ponder_chunked_ce", "hf_flax"):
     print(f"\n{side}'s step, op by op (profiled):")
     for op in t[side]["top_ops"]["ops"]:
       print(f"  {op['ms']:7.1f} ms {op['share']:6.1%}  {op.get('shape', '?'):20} "
@@ -191,18 +226,21 @@ def _print_summary(result: dict) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.reuse_memory(_REUSE_MEMORY.value)  # Every in-process side shares the allocator.
   logging.set_verbosity(logging.WARNING)
   transformers.logging.set_verbosity_error()  # "Some weights were not used" for the tie.
   torch.set_num_threads(os.cpu_count())  # torch's CPU default can be below the core count.
   quick = _QUICK.value
-  cfg = _config(quick)
   runs = 3 if quick else _RUNS.value
   result = dict(machine=common.machine(torch_version=torch.__version__,
                                        transformers_version=transformers.__version__,
                                        torch_num_threads=torch.get_num_threads()))
-  peak = max(analysis.matmul_peak_flops(), common.torch_matmul_peak())
-  training = _training(cfg, warmup=1 if quick else _WARMUP.value, runs=runs, peak=peak)
-  decoding = _decoding(cfg, new_tokens=32 if quick else _DECODE_TOKENS.value, runs=runs)
+  start = time.perf_counter()
+  probe = common.peak_probe()
+  training = _training(quick, warmup=1 if quick else _WARMUP.value, runs=runs, probe=probe,
+                       bf16=_BF16.value, old_default=_OLD_DEFAULT.value)
+  decoding = _decoding(step_lib.lm_config(quick),
+                       new_tokens=32 if quick else _DECODE_TOKENS.value, runs=runs)
   goal = goals.lm_throughput(training)
   result.update(
       training=training, decoding=decoding,
@@ -210,12 +248,12 @@ def main(argv):
       hf_flax_tokens_per_s=training["hf_flax"]["tokens_per_s"],
       torch_tokens_per_s=training["torch"]["tokens_per_s"],
       speedup_vs_best_peer=goal["speedup_vs_best_peer"],
-      peak_matmul_flops=peak,
+      peak=probe.record(), cpu_speed=training["cpu_speed"],
       goal_needs_mfu=goal["needs_mfu"], goal=goal,
       decode_cache_speedup=decoding["cache_speedup"])
-  result["machine"]["load_average_end"] = os.getloadavg()
+  common.finish_machine(result["machine"], start)
+  common.write_json(_OUT.value, result)  # First: a summary that fails loses nothing.
   _print_summary(result)
-  common.write_json(_OUT.value, result)
 
 
 if __name__ == "__main__":

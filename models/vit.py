@@ -8,6 +8,11 @@ block).
 `ViT` is also the backbone of the variants in `models/dendritic_liquid_vit.py`: they
 call its `embed_patches`, `encode` (the block loop, with a per-block hook) and
 `classify`, so the blocks, their names and the head are defined once, here.
+
+`compute_dtype` "bfloat16" multiplies every dense layer in bf16 with float32
+accumulation forward and backward (`ponder.nn.dense.matmul`); parameters, the residual
+stream, attention, LayerNorm and the loss stay float32. It pays off only where the
+hardware multiplies bf16 natively (GPU/TPU, AVX512_BF16 CPUs).
 """
 
 from typing import Callable, Optional
@@ -23,14 +28,15 @@ class MlpBlock(nn.Module):
   """Two-layer MLP with GELU (the ViT MLP of Eq. 3)."""
   hidden_dim: int
   dropout: float = 0.0
+  compute_dtype: str = "float32"  # matmul operands (module doc)
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     out_dim = x.shape[-1]
-    x = dense.Dense(self.hidden_dim, name="fc1")(x)
+    x = dense.Dense(self.hidden_dim, compute_dtype=self.compute_dtype, name="fc1")(x)
     x = nn.gelu(x, approximate=False)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = dense.Dense(out_dim, name="fc2")(x)
+    x = dense.Dense(out_dim, compute_dtype=self.compute_dtype, name="fc2")(x)
     return nn.Dropout(self.dropout, deterministic=not train)(x)
 
 
@@ -45,13 +51,15 @@ class SelfAttention(nn.Module):
   num_heads: int
   qkv_bias: bool = True
   dropout: float = 0.0
+  compute_dtype: str = "float32"  # matmul operands of qkv and proj (module doc)
 
   @nn.compact
   def __call__(self, x, *, train: bool, policy: Optional[jnp.ndarray] = None):
     b, n, d = x.shape
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
-    qkv = dense.Dense(3 * d, use_bias=self.qkv_bias, name="qkv")(x)
+    qkv = dense.Dense(3 * d, use_bias=self.qkv_bias, compute_dtype=self.compute_dtype,
+                      name="qkv")(x)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 3, axis=2)
     if policy is not None:
       out = token_pruning.masked_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], policy)
@@ -60,7 +68,7 @@ class SelfAttention(nn.Module):
           q[:, :, 0], k[:, :, 0], v[:, :, 0],
           dropout_rate=self.dropout, deterministic=not train,
           dropout_rng=self.make_rng("dropout") if train and self.dropout > 0 else None)
-    return dense.Dense(d, name="proj")(out.reshape(b, n, d))
+    return dense.Dense(d, compute_dtype=self.compute_dtype, name="proj")(out.reshape(b, n, d))
 
 
 class EncoderBlock(nn.Module):
@@ -69,15 +77,17 @@ class EncoderBlock(nn.Module):
   mlp_dim: int
   qkv_bias: bool = True
   dropout: float = 0.0
+  compute_dtype: str = "float32"  # matmul operands (module doc)
 
   @nn.compact
   def __call__(self, x, *, train: bool, policy: Optional[jnp.ndarray] = None):
     y = nn.LayerNorm(epsilon=1e-6, name="ln1")(x)
-    y = SelfAttention(self.num_heads, self.qkv_bias, self.dropout, name="attn")(
-        y, train=train, policy=policy)
+    y = SelfAttention(self.num_heads, self.qkv_bias, self.dropout, self.compute_dtype,
+                      name="attn")(y, train=train, policy=policy)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
     y = nn.LayerNorm(epsilon=1e-6, name="ln2")(x)
-    return x + MlpBlock(self.mlp_dim, self.dropout, name="mlp")(y, train=train)
+    return x + MlpBlock(self.mlp_dim, self.dropout, self.compute_dtype, name="mlp")(
+        y, train=train)
 
 
 class PatchEmbed(nn.Module):
@@ -124,6 +134,7 @@ class ViT(nn.Module):
   mlp_ratio: float = 4.0
   qkv_bias: bool = True
   dropout: float = 0.0
+  compute_dtype: str = "float32"  # dense layers' matmul operands (module doc)
 
   def embed_patches(self, images, *, train: bool):
     """Eq. 1: patch embedding, class token and positions, then dropout."""
@@ -135,7 +146,7 @@ class ViT(nn.Module):
     is `block(x)`. A variant's hook scores, prunes or mixes around the call."""
     for l in range(self.depth):
       block = EncoderBlock(self.heads, int(self.width * self.mlp_ratio), self.qkv_bias,
-                           self.dropout, name=f"block{l}")
+                           self.dropout, self.compute_dtype, name=f"block{l}")
       x = hook(l, x, lambda z, policy=None, block=block: block(z, train=train, policy=policy))
     return x
 
@@ -143,7 +154,8 @@ class ViT(nn.Module):
     """Eq. 4: final LayerNorm, linear head on the class token. Returns (logits, the
     normalised tokens)."""
     x = nn.LayerNorm(epsilon=1e-6, name="ln_final")(x)
-    logits = dense.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head")(x[:, 0])
+    logits = dense.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
+                         compute_dtype=self.compute_dtype, name="head")(x[:, 0])
     return logits, x
 
   @nn.compact

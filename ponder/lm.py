@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ponder import errors
 from ponder.data import text
+from ponder.nn import dense
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -26,6 +28,35 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   probabilities that dominate a perplexity.
   """
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def tied_token_nll(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, *,
+                   chunk: int = 256, dtype: Optional[Any] = None) -> jax.Array:
+  """`token_nll` of the tied output layer's logits, `hidden` [..., d] against
+  `embedding` [vocab, d], without materialising the [tokens, vocab] logits.
+
+  The tokens are taken `chunk` at a time (a `lax.map`); each chunk's logits are
+  rematerialised in the backward pass (`jax.checkpoint`), so forward and backward hold
+  [chunk, vocab] at a time instead of [tokens, vocab] (50,257 floats a token for
+  GPT-2). `dtype` is the matmul's compute dtype (`ponder.nn.dense.attend`). Returns
+  float32 [...] like `token_nll`.
+  """
+  if chunk < 1:
+    raise errors.ConfigError(f"chunk={chunk}: the number of tokens per chunk must be >= 1.")
+  lead = targets.shape
+  rows = hidden.reshape(-1, hidden.shape[-1])
+  labels = targets.reshape(-1)
+  pad = -rows.shape[0] % chunk  # Padded rows are scored and dropped.
+  rows = jnp.pad(rows, ((0, pad), (0, 0)))
+  labels = jnp.pad(labels, (0, pad))
+
+  @jax.checkpoint
+  def one(args):
+    x, t = args
+    return token_nll(dense.attend(x, embedding, dtype), t)
+
+  nll = jax.lax.map(one, (rows.reshape(-1, chunk, rows.shape[-1]), labels.reshape(-1, chunk)))
+  return nll.reshape(-1)[:math.prod(lead)].reshape(lead)
 
 
 def nll_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:

@@ -57,6 +57,86 @@ def test_op_breakdown_names_the_train_step_s_own_ops_largest_first():
   assert len(ops) == 4 and breakdown["summed_op_s"] > 0
   assert [op["ms"] for op in ops] == sorted((op["ms"] for op in ops), reverse=True)
   assert 0 < sum(op["share"] for op in ops) <= 1 + 1e-9
-  assert "wte.attend/dot_general" in ops[0]["source"], ops
+  assert "dot_general" in ops[0]["source"] and "16384" in ops[0]["shape"], ops
   state, _ = run()
   assert int(state.step) == 7  # Three runs, three profiled, this one.
+
+
+def test_peak_probe_keeps_the_best_rate_per_precision_over_sizes_and_calls():
+  ticks = iter([0.0, 2.0,  # float32 n=10: 2 s, then bf16 n=10: 1 s
+                2.0, 3.0,
+                10.0, 10.5,  # Second call: float32 faster (0.5 s), bf16 slower (4 s).
+                20.0, 24.0])
+  ran = []
+  probe = common.PeakProbe(sizes=(10,), frameworks={
+      "fake": lambda dtype, n: lambda: ran.append((dtype, n))}, clock=lambda: next(ticks))
+  probe()
+  probe()
+  assert ran == [("float32", 10), ("bfloat16", 10)] * 2
+  assert probe.peak("float32") == pytest.approx(2 * 10 ** 3 / 0.5)
+  assert probe.peak("bfloat16") == pytest.approx(2 * 10 ** 3 / 1.0)
+  record = probe.record()
+  assert record["calls"] == 2
+  assert record["peak_flops"] == {"bfloat16": pytest.approx(2000.0),
+                                  "float32": pytest.approx(4000.0)}
+  assert record["best_flops"]["fake/float32/10"] == pytest.approx(4000.0)
+  assert common.mfu(1000.0, 0.5, probe.peak("float32")) == pytest.approx(0.5)
+
+
+def test_peak_probe_over_frameworks_and_sizes_takes_the_maximum():
+  times = {("a", 10): 1.0, ("a", 20): 1.0, ("b", 10): 0.1, ("b", 20): 100.0}
+  clock = [0.0]
+
+  def make(fw):
+    def matmul(dtype, n):
+      def run():
+        clock[0] += times[fw, n]
+      return run
+    return matmul
+
+  probe = common.PeakProbe(sizes=(10, 20), dtypes=("float32",),
+                           frameworks={"a": make("a"), "b": make("b")},
+                           clock=lambda: clock[0])
+  probe()
+  assert probe.peak("float32") == pytest.approx(max(2 * 20 ** 3 / 1.0, 2 * 10 ** 3 / 0.1))
+
+
+def test_load_record_marks_a_run_above_the_limit():
+  assert not common.load_record((0.4, 1.0, 1.0), (1.5, 1.0, 1.0))["loaded"]
+  assert common.load_record((0.4, 1.0, 1.0), (1.6, 1.0, 1.0))["loaded"]
+  record = common.load_record((2.0, 1.0, 1.0), (0.2, 0.3, 0.4), limit=1.5)
+  assert record["loaded"] and record["load_average_end"] == [0.2, 0.3, 0.4]
+
+
+def test_system_allocator_env_drops_only_the_reuse_tunables(monkeypatch):
+  from train import cli  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.foo=1:" + cli.REUSE_MEMORY_TUNABLES)
+  assert common.system_allocator_env()["GLIBC_TUNABLES"] == "glibc.foo=1"
+  monkeypatch.setenv("GLIBC_TUNABLES", cli.REUSE_MEMORY_TUNABLES)
+  env = common.system_allocator_env()
+  assert "GLIBC_TUNABLES" not in env and env["PATH"] == os.environ["PATH"]
+
+
+def child_counter(start: int):
+  """A `ChildStep` builder: each step adds one; info reports the child's tunables."""
+  state = {"n": start}
+
+  def run():
+    state["n"] += 1
+    info["final_loss"] = float(state["n"])
+    return state["n"]
+
+  info = dict(glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), pid=os.getpid())
+  return run, info
+
+
+def test_child_step_runs_in_a_process_with_the_given_environment():
+  env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.arena_max=2")
+  child = common.ChildStep("tests.benchmarks.test_common:child_counter", dict(start=5), env)
+  try:
+    assert child.info["glibc_tunables"] == "glibc.malloc.arena_max=2"
+    assert child.info["pid"] != os.getpid()
+    assert os.environ.get("GLIBC_TUNABLES") != "glibc.malloc.arena_max=2"  # Restored.
+    assert [child(), child()] == [6.0, 7.0] and child.info["final_loss"] == 7.0
+  finally:
+    child.close()

@@ -126,3 +126,18 @@ def test_lm_throughput_goal_and_the_mfu_it_needs():
   assert g["best_peer"] == "torch" and g["met"]  # Exactly 1.2x the faster peer.
   assert g["needs_mfu"] == pytest.approx(0.6)  # It already runs at the MFU it needs.
   assert not goals.lm_throughput(_lm_training(1199.0, 800.0, 1000.0))["met"]
+
+
+def test_cpu_speed_goals_from_one_run_s_rates():
+  g = goals.cpu_speed(dict(ponder=130.0, ponder_old_default=100.0, ponder_bf16=195.0,
+                           torch_eager=130.0))
+  assert g["over_old_default"] == pytest.approx(1.3) and g["over_old_default_met"]
+  assert g["bf16_over_f32"] == pytest.approx(1.5) and g["bf16_met"]
+  assert g["over_torch_eager"] == pytest.approx(1.0) and g["over_torch_eager_met"]
+  g = goals.cpu_speed(dict(ponder=129.0, ponder_old_default=100.0, ponder_bf16=64.5,
+                           torch_eager=130.0))
+  assert not (g["over_old_default_met"] or g["bf16_met"] or g["over_torch_eager_met"])
+  assert g["bf16_over_f32"] == pytest.approx(0.5)
+  g = goals.cpu_speed(dict(ponder=120.0, ponder_old_default=100.0))  # No bf16, no torch.
+  assert g["bf16_over_f32"] is None and g["bf16_met"] is None
+  assert g["over_torch_eager_met"] is None and not g["over_old_default_met"]

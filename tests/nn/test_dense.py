@@ -51,7 +51,7 @@ def test_weight_gradient_needs_no_transposed_copy():
 
 
 _SMOKE = {"vit": (vit_config, "smoke", {}),
-          "dendritic_liquid_vit": (dlv_config, "smoke", {"step": 50}),
+          "dendritic_liquid_vit": (dlv_config, "smoke,scratch", {"step": 50}),
           "dendritic_vit": (dlv_config, "smoke,variant=dendritic_vit", {})}
 
 
@@ -73,7 +73,7 @@ def test_vision_smoke_losses_and_gradients_are_unchanged(name, monkeypatch):
     return jax.jit(jax.value_and_grad(loss))(params)
 
   loss, grads = loss_and_grad()
-  monkeypatch.setattr(dense, "Dense", nn.Dense)  # Every model's dense layers, as before.
+  monkeypatch.setattr(dense, "Dense", dense.FlaxDense)  # Every model's dense layers, as before.
   reference_loss, reference_grads = loss_and_grad()
   np.testing.assert_allclose(loss, reference_loss, rtol=1e-6)
   chex.assert_trees_all_close(grads, reference_grads, atol=1e-6, rtol=1e-5)
