@@ -29,15 +29,23 @@ so Block_l's two residual branches (ViT Eq. 2-3) are both weighted by a^l. With
 `DendriticLiquidViT`. Three additions to the ViT, at the blocks named in `stages`
 (DynamicViT prunes before blocks 3, 6, 9 of 12):
 
-  1. Keep logits. At stage s, before block l = stages[s], the DynamicViT predictor
-     gives two logits per token, pi = TokenPredictor(z^{l-1}, D^{s-1}) (Eq. 1-5), and
-     the dendritic gate an importance a = DendriticGate(z^{l-1}). They are combined as a
-     product of experts on the keep odds: the gate's log-odds are added to the keep
-     logit,
-         pi'_{n,keep} = pi_{n,keep} + log(a_n / (1 - a_n)),  pi'_{n,drop} = pi_{n,drop},
-     so P(keep) = sigmoid(pi_keep - pi_drop + logit a_n), i.e. odds_pred x odds_gate.
-     With the gate's +2 bias every token starts with keep odds ~ e^2 x those of the
-     predictor, so pruning starts gently.
+  1. Keep score. At stage s, before block l = stages[s], the DynamicViT predictor gives
+     two logits per token from its local and global features, pi = TokenPredictor(
+     z^{l-1}, D^{s-1}) (Eq. 1-5), and the dendritic gate a raw somatic score
+     u_n = max_k branch_k(z_n) (the log-odds of its importance a_n = sigmoid(u_n)). The
+     two enter the keep decision as a tempered product of experts on the keep odds,
+         pi'_{n,keep} = pi_{n,keep} + alpha u_n,   pi'_{n,drop} = pi_{n,drop},
+     so P(keep_n) = sigmoid(pi_keep - pi_drop + alpha u_n) = sigmoid of the sum of the
+     predictor's log-odds and alpha times the gate's: odds_pred x odds_gate^alpha.
+     alpha (`gate_scale{s}`) is a learned scalar that starts small (`gate_scale_init`,
+     0.1), so the gate first nudges the predictor's decision and the gradient of the
+     keep logit decides how much it counts. u enters raw: log(a / (1 - a)) computed
+     from a clipped sigmoid (the first version) is flat beyond |u| ~ 13.8, where 18%
+     of the stage-2 tokens of a trained model sat with no gradient, and its gate
+     log-odds (mean 8.2) swamped the predictor's (0.35). The predictor's keep logit
+     starts with bias `keep_bias` (+1): with the gate's initial u ~ 2-3 every token
+     starts with keep probability ~0.78, so pruning starts gently (which matters most
+     when fine-tuning a trained ViT: DynamicViT's protocol).
   2. Training (train=True) samples D^s = GumbelSoftmax(pi')_keep * D^{s-1} (Eq. 6):
      a hard 0/1 mask with the straight-through gradient of the soft sample after
      `soft_warmup_steps`, the soft sample before (a soft warm-up); the Gumbel
@@ -70,6 +78,8 @@ so Block_l's two residual branches (ViT Eq. 2-3) are both weighted by a^l. With
   "keep_masks": per stage [batch, n] masks D^s (training; empty at inference);
   "kept_positions": per stage [batch, n_kept] input-token indices of the tokens kept
     (inference; empty in training), "importance"[s] scores the tokens at stage s's input;
+  "keep_scores": per stage [batch, n_stage] the score inference ranked the tokens by
+    (`keep_policy`'s; empty in training);
   "num_tokens": tokens (class token included) entering each stage's block;
   "final_tokens": [batch, n_final, width] after the final LayerNorm (token distillation,
     Eq. 11, in training where n_final = n).
@@ -78,6 +88,7 @@ so Block_l's two residual branches (ViT Eq. 2-3) are both weighted by a^l. With
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from models import vit
@@ -86,9 +97,6 @@ from ponder.nn import cfc as cfc_lib
 from ponder.nn import dense
 from ponder.nn import dendrites
 from ponder.nn import token_pruning
-
-_EPS = 1e-6  # Importance clipped to [eps, 1 - eps] before its log-odds.
-
 
 class DendriticViT(vit.ViT):
   """ViT with a `DendriticGate` before every block; nothing pruned (the ablation).
@@ -120,7 +128,33 @@ class DendriticViT(vit.ViT):
       return logits
     n = x.shape[1]
     return logits, {"importance": importances, "keep_masks": [], "kept_positions": [],
-                    "num_tokens": [n] * self.depth, "final_tokens": final}
+                    "keep_scores": [], "num_tokens": [n] * self.depth,
+                    "final_tokens": final}
+
+
+KEEP_POLICIES = ("learned", "inverted", "random", "pixel_variance")
+
+
+def patch_variance(images, patch: int):
+  """[batch, 1 + patches]: each patch's pixel variance (over its p x p x C values, in
+  the order of `vit.PatchEmbed`'s tokens); the class token's entry is 0."""
+  b, h, w, c = images.shape
+  x = images.reshape(b, h // patch, patch, w // patch, patch, c)
+  var = jnp.var(x, axis=(2, 4, 5)).reshape(b, -1)
+  return jnp.concatenate([jnp.zeros((b, 1), var.dtype), var], axis=1)
+
+
+def policy_score(policy: str, learned, positions, variance, key):
+  """The inference keep score of `policy` (KEEP_POLICIES) for the tokens at `positions`
+  [batch, n] (input-token indices): `learned` [batch, n] is the model's own score,
+  `variance` [batch, 1 + patches] `patch_variance`, `key` the random policy's."""
+  if policy == "learned":
+    return learned
+  if policy == "inverted":
+    return -learned
+  if policy == "random":
+    return jax.random.uniform(key, learned.shape, learned.dtype)
+  return jnp.take_along_axis(variance, positions, axis=1)
 
 
 class DendriticLiquidViT(vit.ViT):
@@ -136,6 +170,15 @@ class DendriticLiquidViT(vit.ViT):
     anneal_steps: Gumbel temperature goes temperature_start -> temperature_end over these.
     soft_warmup_steps: steps of soft (relaxed) masks before hard straight-through ones.
     temperature_start, temperature_end: the Gumbel-softmax temperatures.
+    gate_scale_init: the initial alpha, the weight of the gate's score in the keep
+      log-odds (learned, one per stage).
+    keep_bias: the initial keep log-odds bias of every stage's predictor.
+    keep_policy: which tokens inference keeps, at the same counts (ablations, same
+      weights): "learned" (the keep score), "inverted" (the lowest keep scores),
+      "random" (scores drawn from `policy_seed`, independent of the image; one draw
+      per stage and batch row), "pixel_variance" (a saliency heuristic: the patches
+      whose input pixels vary most). Training always uses the learned decision.
+    policy_seed: the seed of the "random" policy.
   """
   num_branches: int = 4
   hidden_dim: int = 64
@@ -148,6 +191,10 @@ class DendriticLiquidViT(vit.ViT):
   soft_warmup_steps: int = 1_000
   temperature_start: float = 5.0
   temperature_end: float = 0.1
+  gate_scale_init: float = 0.1
+  keep_bias: float = 1.0
+  keep_policy: str = "learned"
+  policy_seed: int = 0
 
   def keep_ratio_targets(self) -> tuple:
     """Target kept fraction of the patch tokens after each stage (rho, rho^2, ...)."""
@@ -160,6 +207,8 @@ class DendriticLiquidViT(vit.ViT):
           f"stages {stages} must be increasing block indices in [0, depth={self.depth})")
     if self.liquid_blocks not in ("all", "stages"):
       raise errors.unknown_key("liquid_blocks", self.liquid_blocks, ("all", "stages"))
+    if self.keep_policy not in KEEP_POLICIES:
+      raise errors.unknown_key("keep_policy", self.keep_policy, KEEP_POLICIES)
     if not 0.0 < self.keep_ratio <= 1.0:
       raise errors.ConfigError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
     return stages
@@ -180,23 +229,31 @@ class DendriticLiquidViT(vit.ViT):
     mask = jnp.ones((b, n), x.dtype)  # D^0: everything kept.
     h = jnp.zeros_like(x)  # Liquid state h^0.
     positions = jnp.broadcast_to(jnp.arange(n), (b, n))  # Each token's index in the input.
-    importances, masks, num_tokens, kept_positions = [], [], [], []
+    importances, masks, num_tokens, kept_positions, keep_scores = [], [], [], [], []
+    variance = patch_variance(images, self.patch) if self.keep_policy == "pixel_variance" \
+        else None
 
     def liquid_block(l, x, block):
       nonlocal mask, h, positions
       if l in stages:
         s = stages.index(l)
-        a = dendrites.DendriticGate(self.num_branches, self.hidden_dim, name=f"gate{s}")(x)
-        importances.append(a)
-        pi = token_pruning.TokenPredictor(name=f"predictor{s}")(x, mask)  # Eq. 1-5.
-        a = jnp.clip(a, _EPS, 1.0 - _EPS)
-        pi = pi.at[..., token_pruning.KEEP].add(jnp.log(a) - jnp.log1p(-a))  # Odds product.
+        u = dendrites.DendriticGate(self.num_branches, self.hidden_dim, name=f"gate{s}")(
+            x, score=True)
+        importances.append(nn.sigmoid(u))
+        pi = token_pruning.TokenPredictor(keep_bias=self.keep_bias, name=f"predictor{s}")(
+            x, mask)  # Eq. 1-5.
+        alpha = self.param(f"gate_scale{s}", nn.initializers.constant(self.gate_scale_init),
+                           ())
+        pi = pi.at[..., token_pruning.KEEP].add(alpha * u)  # Tempered odds product.
         if train:
           mask = token_pruning.keep_decision(pi, mask, self.make_rng("dropout"),
                                              temperature=temperature, hard=hard)  # Eq. 6.
           masks.append(mask)
         else:
-          score = pi[..., token_pruning.KEEP] - pi[..., 1 - token_pruning.KEEP]
+          score = policy_score(
+              self.keep_policy, pi[..., token_pruning.KEEP] - pi[..., 1 - token_pruning.KEEP],
+              positions, variance, jax.random.fold_in(jax.random.key(self.policy_seed), s))
+          keep_scores.append(score)
           idx = token_pruning.top_index(score, self.keep_ratio)
           x, h = (jnp.take_along_axis(z, idx[..., None], axis=1) for z in (x, h))
           positions = jnp.take_along_axis(positions, idx, axis=1)
@@ -216,8 +273,8 @@ class DendriticLiquidViT(vit.ViT):
     if not return_aux:
       return logits
     return logits, {"importance": importances, "keep_masks": masks,
-                    "kept_positions": kept_positions, "num_tokens": num_tokens,
-                    "final_tokens": final}
+                    "kept_positions": kept_positions, "keep_scores": keep_scores,
+                    "num_tokens": num_tokens, "final_tokens": final}
 
 
 def kept_tokens(num_tokens: int, keep_ratio: float, num_stages: int) -> list:

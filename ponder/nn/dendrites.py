@@ -49,8 +49,11 @@ class DendriticGate(nn.Module):
   activation: Callable = functools.partial(nn.gelu, approximate=False)
 
   @nn.compact
-  def __call__(self, x):
-    """Maps tokens `[..., tokens, dim]` to importance `[..., tokens]` in (0, 1)."""
+  def __call__(self, x, *, score: bool = False):
+    """Maps tokens `[..., tokens, dim]` to importance `[..., tokens]` in (0, 1), or with
+    `score=True` to the raw somatic score u = max_k branch_k(x) whose sigmoid it is (the
+    importance's log-odds, unbounded: a caller that needs log-odds uses u itself rather
+    than log(a / (1 - a)), which saturates in float32 beyond |u| ~ 17)."""
     hidden = nn.DenseGeneral((self.num_branches, self.hidden_dim), name="dendrites")(x)
     hidden = self.activation(hidden)
     # One output unit per branch: fan-in is the branch's hidden width (in_axis=-1).
@@ -60,4 +63,5 @@ class DendriticGate(nn.Module):
     soma_bias = self.param("soma_bias", nn.initializers.constant(self.bias_init),
                            (self.num_branches,))
     branches = jnp.einsum("...kh,kh->...k", hidden, soma_kernel) + soma_bias
-    return nn.sigmoid(jnp.max(branches, axis=-1))
+    u = jnp.max(branches, axis=-1)
+    return u if score else nn.sigmoid(u)

@@ -52,8 +52,12 @@ class TokenPredictor(nn.Module):
   Attributes:
     features: C', the width of the projected features (the paper uses C / 2; None
       means half the token width).
+    keep_bias: the initial bias of the keep logit (the drop logit's is 0), i.e. a prior
+      keep log-odds: 0 is DynamicViT's unbiased start, > 0 starts by keeping most
+      tokens, so a pretrained model is not cut abruptly (sigmoid(1) = 0.73).
   """
   features: Optional[int] = None
+  keep_bias: float = 0.0
 
   @nn.compact
   def __call__(self, x, keep_mask):
@@ -71,7 +75,9 @@ class TokenPredictor(nn.Module):
     z = jnp.concatenate([z, jnp.broadcast_to(z_global, z.shape)], axis=-1)  # Eq. 4.
     z = gelu(dense.Dense(c, name="fc1")(z))
     z = gelu(dense.Dense(max(c // 2, 1), name="fc2")(z))
-    return dense.Dense(2, name="logits")(z)  # Eq. 5 before the softmax.
+    bias_init = lambda key, shape, dtype=jnp.float32: jnp.zeros(shape, dtype).at[KEEP].set(
+        self.keep_bias)
+    return dense.Dense(2, bias_init=bias_init, name="logits")(z)  # Eq. 5 before the softmax.
 
 
 def gumbel_temperature(step, *, anneal_steps: int, start: float = 5.0, end: float = 0.1,

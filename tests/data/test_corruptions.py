@@ -181,3 +181,54 @@ def test_bad_input_is_explained():
     C.corrupt(COLOR[0], "fog", 1, rng)
   with pytest.raises(errors.PonderError, match="255"):
     C.corrupt(COLOR * 255, "fog", 1, rng)
+
+
+def _released_glass_loop(img, offsets, delta):
+  """The released make_cifar_c.py shuffle loop, line for line, on one [H, W, C] image:
+  its swap statement assigns NumPy views (what CIFAR-10-C was generated with)."""
+  h_size, w_size = img.shape[:2]
+  for i, h in enumerate(range(h_size - delta, delta, -1)):
+    for j, w in enumerate(range(w_size - delta, delta, -1)):
+      dy, dx = offsets[i, j]
+      h_prime, w_prime = h + dy, w + dx
+      img[h, w], img[h_prime, w_prime] = img[h_prime, w_prime], img[h, w]
+  return img
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_glass_shuffle_matches_the_released_loop(channels):
+  rng = np.random.default_rng(0)
+  x = rng.random((2, 9, 7, channels))
+  delta = 2
+  offsets = rng.integers(-delta, delta, size=(9 - 2 * delta, 7 - 2 * delta, 2, 2))
+  ours = C.glass_shuffle(x.copy(), offsets, delta)
+  for b in range(2):
+    np.testing.assert_array_equal(
+        ours[b], _released_glass_loop(x[b].copy(), offsets[..., b], delta))
+  # The true swap is a permutation of each image's pixels; the released copy is not.
+  swapped = C.glass_shuffle(x.copy(), offsets, delta, swap="true")
+  for b in range(2):
+    np.testing.assert_array_equal(np.sort(swapped[b], axis=None), np.sort(x[b], axis=None))
+  assert not np.array_equal(np.sort(ours[0], axis=None), np.sort(x[0], axis=None))
+
+
+def test_glass_shuffle_hand_computed():
+  # 4x4, displacement 1: visits (3,3), (3,2), (2,3), (2,2), each with offset (-1, -1).
+  x = np.arange(16.0).reshape(1, 4, 4, 1)
+  offsets = np.full((2, 2, 2, 1), -1)
+  released = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 5, 6], [12, 13, 9, 10]]
+  true_swap = [[0, 1, 2, 3], [4, 15, 11, 7], [8, 14, 5, 6], [12, 13, 9, 10]]
+  np.testing.assert_array_equal(C.glass_shuffle(x.copy(), offsets, 1)[0, ..., 0], released)
+  np.testing.assert_array_equal(
+      C.glass_shuffle(x.copy(), offsets, 1, swap="true")[0, ..., 0], true_swap)
+  with pytest.raises(errors.ConfigError, match="released"):
+    C.glass_shuffle(x.copy(), offsets, 1, swap="both")
+
+
+def test_glass_blur_default_is_the_released_copy():
+  x = _images(3, 2, 16, 16, 3)
+  out = {swap: np.clip(C.glass_blur(x.astype(np.float64), 2, np.random.default_rng(4),
+                                    swap=swap), 0, 1) for swap in C.GLASS_SWAPS}
+  np.testing.assert_allclose(
+      C.corrupt(x, "glass_blur", 2, np.random.default_rng(4)), out["released"], atol=1e-6)
+  assert not np.allclose(out["released"], out["true"])

@@ -14,6 +14,7 @@ from models import dendritic_liquid_vit as dlv
 from models import vit
 from ponder import errors
 from ponder.analysis import flops
+from ponder.nn import token_pruning
 
 # A small model: 8x8 images in 2x2 patches = 16 patch tokens + the class token.
 SMALL = dict(num_classes=5, patch=2, width=32, depth=4, heads=4)
@@ -208,3 +209,73 @@ def test_inference_flops_fall_with_the_keep_ratio():
   assert counts[0.25] < counts[0.5] < counts[1.0]
   # Attention and MLP dominate; 3 of 4 blocks run on far fewer tokens at 0.25.
   assert counts[0.25] < 0.6 * counts[1.0], counts
+
+
+def test_keep_loss_gradient_reaches_a_saturated_gate():
+  # Gate 0 pushed to u ~ +30, where sigmoid(u) is 1.0 in float32 and the log-odds of a
+  # clipped importance (the first version) had zero gradient. The raw score still
+  # carries the keep-ratio loss's gradient; checked against central differences of the
+  # loss in the soft warm-up (smooth masks, fixed Gumbel noise).
+  model, params = _init(dlv.DendriticLiquidViT, depth=2, stages=(1,))
+  params = {k: (dict(v, soma_bias=v["soma_bias"] + 30.0) if k == "gate0" else v)
+            for k, v in _perturb(params).items()}
+  x = _images(b=4, seed=9)
+  targets = model.keep_ratio_targets()
+
+  def keep_loss(shift, p):
+    p = dict(p, gate0=dict(p["gate0"], soma_bias=p["gate0"]["soma_bias"] + shift))
+    _, aux = model.apply({"params": p}, x, train=True, step=0, return_aux=True,
+                         rngs={"dropout": jax.random.key(5)})
+    return token_pruning.keep_ratio_loss(aux["keep_masks"], targets), aux["importance"]
+
+  (_, importance), (grad, grads) = jax.jit(
+      jax.value_and_grad(keep_loss, argnums=(0, 1), has_aux=True))(0.0, params)
+  assert bool(jnp.all(importance[0][:, 1:] == 1.0))  # Saturated in float32.
+  eps = 0.05
+  plus, minus = jax.jit(jax.vmap(lambda d: keep_loss(d, params)[0]))(jnp.array([eps, -eps]))
+  assert abs(float(grad)) > 1e-5
+  chex.assert_trees_all_close(grad, (plus - minus) / (2 * eps), rtol=0.05)
+  # The gradient reaches the gate's branch weights and its learned scale too.
+  for leaf in (grads["gate0"]["soma_kernel"], grads["gate_scale0"]):
+    assert float(jnp.max(jnp.abs(leaf))) > 1e-6
+
+
+@pytest.mark.parametrize("kind", [dlv.DendriticViT, dlv.DendriticLiquidViT])
+def test_every_vit_parameter_has_the_same_path_and_shape(kind):
+  # What init.from_workdir copies from a trained baseline (DynamicViT's fine-tuning):
+  # every ViT leaf, found by path and shape; the rest is what the variant adds.
+  shapes = lambda m: dict(jax.tree_util.tree_flatten_with_path(jax.eval_shape(
+      lambda: m.init(jax.random.key(0), _images())["params"]))[0])
+  base = shapes(vit.ViT(**SMALL))
+  model = kind(**(SMALL if kind is dlv.DendriticViT else LIQUID))
+  ours = shapes(model)
+  copied = [k for k, v in base.items() if k in ours and ours[k].shape == v.shape]
+  assert len(copied) == len(base)
+  added = {jax.tree_util.keystr(k[:1]) for k in set(ours) - set(base)}
+  prefixes = ("['gate", "['predictor", "['cfc", "['liquid_out")
+  assert added and all(a.startswith(prefixes) for a in added), added
+
+
+def test_keep_policies_rank_by_their_own_scores():
+  # Same weights, same counts; only the ranking differs (the benchmark's ablations).
+  model, params = _init(dlv.DendriticLiquidViT, depth=2, stages=(1,))
+  params = _perturb(params)
+  x = _images(b=2, seed=12)
+  run = lambda policy: model.clone(keep_policy=policy).apply(
+      {"params": params}, x, train=False, return_aux=True)[1]
+  aux = {p: run(p) for p in dlv.KEEP_POLICIES}
+  learned = aux["learned"]["keep_scores"][0]
+  chex.assert_trees_all_close(aux["inverted"]["keep_scores"][0], -learned)
+  # Pixel variance of each 2x2 patch, computed from the image directly.
+  patches = np.asarray(x).reshape(2, 4, 2, 4, 2, 1).transpose(0, 1, 3, 2, 4, 5)
+  variance = patches.reshape(2, 16, 4).var(axis=-1)
+  chex.assert_trees_all_close(aux["pixel_variance"]["keep_scores"][0][:, 1:], variance,
+                              atol=1e-5)
+  for policy, a in aux.items():
+    assert a["num_tokens"] == aux["learned"]["num_tokens"]
+    np.testing.assert_array_equal(a["kept_positions"][0],
+                                  token_pruning.top_index(a["keep_scores"][0], 0.5))
+  assert not np.array_equal(aux["random"]["kept_positions"][0],
+                            aux["learned"]["kept_positions"][0])
+  with pytest.raises(errors.ConfigError, match="keep_policy"):
+    model.clone(keep_policy="brightest").apply({"params": params}, x)

@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from configs import common
+from ponder import errors
 from ponder import mesh as mesh_lib
 from tests import fakes
 from tests.conftest import ROOT, subprocess_env
@@ -35,7 +37,7 @@ def _loss(task, params, batch, key):
 
 def test_step_and_keep_ratio_loss_reach_the_model(tmp_path):
   data = fakes.write_fashion_mnist(tmp_path / "data")
-  cfg = _config("fashion_mnist,smoke", data)
+  cfg = _config("fashion_mnist,smoke,scratch", data)
   task = tasks.build(cfg, mesh_lib.make_mesh())
   assert tasks.takes_step(task.model)
   batch = task.train_batch(5)
@@ -56,19 +58,38 @@ def test_step_and_keep_ratio_loss_reach_the_model(tmp_path):
   assert set(vmetrics) == {"accuracy"}
 
 
-def test_distillation_from_a_trained_baseline(tmp_path):
+def _flat(tree):
+  return dict(jax.tree_util.tree_flatten_with_path(tree)[0])
+
+
+def test_finetune_protocol_starts_from_and_distils_the_baseline(tmp_path):
+  # DynamicViT's protocol (the default): `baseline=DIR` is both the warm start
+  # (init.from_workdir) and the teacher.
   data = fakes.write_fashion_mnist(tmp_path / "data")
-  teacher = cli.load_config_file(f"{CONFIGS / 'vit.py'}:fashion_mnist,smoke")
+  teacher = cli.load_config_file(f"{CONFIGS / 'vit.py'}:fashion_mnist_p4,smoke")
   teacher.data.update(data_dir=str(data), source="local")
   teacher.trainer.update(total_steps=1, eval_every=1, ckpt_every=1)
-  trainer.train_and_evaluate(teacher, str(tmp_path / "teacher"), echo=lambda s: None)
-  cfg = _config("fashion_mnist,smoke", data)
-  cfg.distill.teacher_workdir = str(tmp_path / "teacher")
-  task = tasks.build(cfg, mesh_lib.make_mesh(),
-                     teacher=trainer.load_teacher(cfg.distill.teacher_workdir))
-  params = task.init(jax.random.key(0))
+  base_dir = str(tmp_path / "teacher")
+  trainer.train_and_evaluate(teacher, base_dir, echo=lambda s: None)
+  with pytest.raises(errors.ConfigError, match="baseline=DIR"):
+    _config("fashion_mnist_p4,smoke", data)
+  cfg = _config(f"fashion_mnist_p4,smoke,baseline={base_dir}", data)
+  assert cfg.init.from_workdir == cfg.distill.teacher_workdir == base_dir
+  run = trainer.build_run(cfg)
+  fresh = trainer.init_state(run.task, run.tx, jax.random.key(0))
+  state = trainer.warm_start(run, fresh, echo=lambda s: None)
+  # Every baseline parameter has the same path and shape in the liquid model, so all
+  # are copied; what the liquid model adds keeps its fresh init.
+  _, _, base_params, _, _ = trainer.restore_run(base_dir, selected=True)
+  base, warm, init = _flat(base_params), _flat(state.params), _flat(fresh.params)
+  copied = [k for k in warm if k in base and np.array_equal(warm[k], base[k])]
+  assert len(copied) == len(base) > 0
+  for k in set(warm) - set(copied):
+    np.testing.assert_array_equal(warm[k], init[k])
+  params = state.params
+  task = run.task
   loss, metrics = _loss(task, params, task.train_batch(0), jax.random.key(1))
-  # The student's head starts at zero (uniform logits); the teacher's has trained one step.
+  # The student has the teacher's head but prunes and adds a block: the outputs differ.
   assert float(metrics["distill_kl"]) > 0.0 and float(metrics["distill_tokens"]) > 0.0
   expected = (metrics["cross_entropy"] + cfg.keep_ratio_weight * metrics["keep_ratio_loss"]
               + cfg.distill.kl_weight * metrics["distill_kl"]
@@ -98,7 +119,7 @@ def test_lr_scales_scale_the_updates_of_named_modules():
 
 def test_evaluate_writes_the_corruption_report_and_pictures(tmp_path):
   data = fakes.write_fashion_mnist(tmp_path / "data")
-  cfg = _config("fashion_mnist,smoke", data)
+  cfg = _config("fashion_mnist,smoke,scratch", data)
   cfg.trainer.update(total_steps=1, eval_every=1, ckpt_every=1)
   workdir = tmp_path / "run"
   trainer.train_and_evaluate(cfg, str(workdir), echo=lambda s: None)
