@@ -13,9 +13,12 @@ Every variant is `configs/ttt_lm.py:PRESET,mode=fixed,k=K|mode=skip|mode=adaptiv
 command resumes an unfinished run from its last checkpoint and reuses a finished one
 (final_metrics.json at total_steps), so an interrupted benchmark restarts where it
 stopped; a workdir trained with another config (another --budget, say) is an error.
-`--budget`: full (the preset's steps; three adaptive settings), short (50 synthetic or
-20 wikitext2 steps, two adaptive settings: minutes, and far from trained) or smoke (the
-configs' tiny smoke models, 2 steps: what the test runs).
+`--budget`: full (the preset's steps; three adaptive settings), short (50 synthetic,
+40 recall, 30 shakespeare_long or 20 wikitext2 / wikitext2_long steps, two adaptive
+settings: minutes to an hour, and far from trained) or smoke (the configs' tiny smoke
+models, 2 steps: what the test runs). Presets: synthetic, wikitext2 and the long-context
+recall, shakespeare_long, wikitext2_long (configs/ttt_lm.py; --data_dir for the text
+ones).
 
 Measured on the task's evaluation data (synthetic: its 16 fixed batches; wikitext2: the
 whole valid split), every variant with its own trained parameters:
@@ -54,13 +57,33 @@ whole valid split), every variant with its own trained parameters:
   matter at all: near or above 1 (an undertrained model, a short run) the goal is met
   vacuously; inner_steps_help is whether it is at most 1/1.01, and meaningful_pass whether
   some adaptive variant passes while it holds.
+* gates without training (GATE_SETTINGS): on Fixed-1's parameters SKIP/update at a 50%
+  update rate, on Fixed-4's {1, 2, 4} at ponder_target: recon<setting> is PonderTTT's
+  reconstruction-loss gate (`ttt.ReconGate`: each TTT layer's own inner loss at the
+  start of the previous mini-batch, percentile thresholds calibrated on two training-
+  stream batches past the run, an EMA that keeps the realised rate on target; one pass,
+  `lax.switch` per mini-batch, shared by the batch); oracle<setting> ranks each
+  evaluation batch's mini-batches by their realised gain nll(lowest k) - nll(highest k)
+  (both uniform-k passes of those parameters) and random<setting> at random, both
+  allocating exactly the target fractions. gate_recovery: oracle recovery = (base -
+  gate) / (base - oracle) in NLL, base = every mini-batch at the lowest k (also for
+  random), and whether it reaches 80%. Each row's inner_flops_per_token counts its
+  signal: gate_flops_per_token (recon: `ttt_lm.gate_flops_per_token`; the entropy
+  adaptive rows: their SKIP first pass and allocation) plus update_flops_per_token.
+  The oracle's and random's times are their second pass alone (the oracle needs every
+  k's pass first).
+* recall_acc (recall preset): argmax accuracy on the recalled values; fixed1_vs_skip:
+  Fixed-1's perplexity at least 5% below SKIP's or its recall accuracy 10 points above.
+* seeds (--seeds=N > 1): SKIP and Fixed-1/2/4 retrained with seeds 1..N-1 in
+  DIR/<variant>_s<i>; their valid perplexity (and recall accuracy) per seed.
 * throughput: one TTTLayer (4 heads x 64, k = 1, mini-batch 16, sequence 2048, batch 1),
   forward + backward (jax.value_and_grad of a loss of the output) in the grad and dual
   forms, in round robin; also their analytic inner-loop FLOPs and their agreement.
 
 Files in DIR: results.json, pareto.png (valid perplexity against inner-loop FLOPs,
-total FLOPs and measured time per token), allocation.png, curves.png (all variants'
-training loss and eval perplexity) and each workdir's own curves.png.
+total FLOPs and measured time per token, every row), recall.png (recall preset: recall
+accuracy against inner FLOPs and time), allocation.png, curves.png (all trained
+variants' training loss and eval perplexity) and each workdir's own curves.png.
 
 Runtime on the 2-core CPU while another training job shared it (1-minute load about 4;
 seconds per step of each variant in configs/ttt_lm.py's docstring; an idle machine is
@@ -95,11 +118,12 @@ from ponder import analysis
 from ponder import errors
 from ponder import lm
 from ponder import metric_log as plog
+from ponder.data import synthetic
 from ponder.nn import ponder_alloc
 from ponder.nn import ttt
 from train import trainer
 
-PRESETS = ("synthetic", "wikitext2")
+PRESETS = ("synthetic", "wikitext2", "recall", "shakespeare_long", "wikitext2_long")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,26 +138,17 @@ class Budget:
 
 _TARGET = ponder_alloc.DEFAULT_TARGET
 _LAYER = dict(batch=1, seq=2048, width=256, heads=4)
+_SMOKE_STEPS = {preset: 2 for preset in PRESETS}
 BUDGETS = {
-    "smoke": Budget(True, dict(synthetic=2, wikitext2=2), ((_TARGET, 0.0),), 1,
+    "smoke": Budget(True, _SMOKE_STEPS, ((_TARGET, 0.0),), 1,
                     dict(batch=1, seq=32, width=16, heads=2, runs=1)),
-    "short": Budget(False, dict(synthetic=50, wikitext2=20), ((_TARGET, 0.0), (_TARGET, 1.5)),
+    "short": Budget(False, dict(synthetic=50, wikitext2=20, recall=40, shakespeare_long=30,
+                                wikitext2_long=20), ((_TARGET, 0.0), (_TARGET, 1.5)),
                     5, dict(_LAYER, runs=3)),
     "full": Budget(False, {}, ((_TARGET, 0.0), (_TARGET, 1.8), ((0.1, 0.3, 0.6), 0.0)), 10,
                    dict(_LAYER, runs=10)),
 }
 
-_OUT = flags.DEFINE_string("out", None, "Directory for results.json, the PNGs and one "
-                           "workdir per variant.")
-_PRESET = flags.DEFINE_enum("preset", "synthetic", PRESETS, "configs/ttt_lm.py preset.")
-_BUDGET = flags.DEFINE_enum("budget", "full", list(BUDGETS),
-                            "full: the preset's steps; short: minutes; smoke: seconds.")
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", "", "wikitext2: a WikiText-layout directory, e.g. "
-    "../shared/data/wikitext-2-valsplit ('' = the config's source).")
-_THROUGHPUT_ONLY = flags.DEFINE_bool(
-    "throughput_only", False, "Only the TTT-Linear layer throughput, merged into "
-    "DIR/results.json.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,15 +173,17 @@ def variants(budget: Budget) -> list:
   return out
 
 
-def variant_config(preset: str, budget: Budget, variant: Variant, data_dir: str = ""):
-  """configs/ttt_lm.py's config of one variant under a budget."""
+def variant_config(preset: str, budget: Budget, variant: Variant, data_dir: str = "",
+                   seed: int = 0):
+  """configs/ttt_lm.py's config of one variant under a budget (and training seed)."""
   if preset not in PRESETS:
     raise errors.unknown_key("ponder_pareto preset", preset, PRESETS)
-  if data_dir and preset == "synthetic":
-    raise errors.ConfigError("--data_dir is read by the wikitext2 preset only; the "
-                             "synthetic preset generates its data.")
   arg = f"{preset},mode={variant.mode},k={variant.k}" + (",smoke" if budget.smoke else "")
   cfg = ttt_lm_config.get_config(arg)
+  if data_dir and cfg.data.source.startswith("synthetic:"):
+    raise errors.ConfigError(f"--data_dir is read by the text presets only; {preset} "
+                             "generates its data.")
+  cfg.seed = seed
   cfg.model.update(ponder_target=variant.target, ponder_budget=variant.budget)
   steps = budget.total_steps.get(preset)
   if steps:
@@ -229,6 +246,7 @@ def _difficulty(logits, *, mini_batch: int, causal: bool):
 
 
 _token_nll = jax.jit(lm.token_nll)
+_hits = jax.jit(lambda logits, targets: logits.argmax(-1) == targets)
 
 
 class _Programs:
@@ -262,7 +280,8 @@ def _evaluate(variant: Variant, model, params, batches: Sequence[dict],
   [N, seq / mini_batch]): nll, mask, steps; adaptive: also gain and difficulties."""
   cfg = model.config
   mb = cfg.ttt_mini_batch
-  out = {name: [] for name in ("nll", "mask", "steps", "gain", "own", "signal", "hard")}
+  out = {name: [] for name in ("nll", "mask", "steps", "gain", "own", "signal", "hard",
+                               "hit", "recall")}
   allocate = alloc_flops = None
   for batch in batches:
     inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
@@ -284,45 +303,65 @@ def _evaluate(variant: Variant, model, params, batches: Sequence[dict],
       steps = np.full(targets.shape, variant.k)
     nll = np.asarray(_token_nll(logits, targets))
     out["nll"].append(nll)
-    out["mask"].append(batch["mask"])
+    _append_quality(out, batch, logits)
     out["steps"].append(steps)
     if variant.mode == "adaptive":
       out["gain"].append(nll0 - nll)
-    if "difficulty" in batch:
-      out["hard"].append(batch["difficulty"][:, 1:])
   arrays = {k: np.concatenate(v) for k, v in out.items() if v}
   arrays["alloc_flops"] = alloc_flops
   return arrays
+
+
+def _append_quality(out: dict, batch: dict, logits) -> None:
+  """Per-token arrays of one batch that `_quality` reads besides "nll": the mask, the
+  argmax hits, and the synthetic sources' labels (difficulty, recall targets)."""
+  out["mask"].append(batch["mask"])
+  out["hit"].append(np.asarray(_hits(logits, batch["tokens"][:, 1:])))
+  if "difficulty" in batch:
+    out["hard"].append(batch["difficulty"][:, 1:])
+  if "kind" in batch:
+    out["recall"].append(batch["kind"][:, 1:] == synthetic.RECALL)
+
+
+def _quality(arrays: dict) -> dict:
+  """valid NLL and perplexity over the scored tokens; synthetic: nll_easy / nll_hard;
+  recall: recall_acc, the argmax accuracy on the recalled targets."""
+  mask, nll = arrays["mask"], arrays["nll"]
+  mean_nll = float((nll * mask).sum() / mask.sum())
+  out = dict(valid_nll=mean_nll, valid_ppl=math.exp(mean_nll), scored_tokens=int(mask.sum()))
+  if "hard" in arrays:
+    hard = arrays["hard"].astype(np.float64) * mask
+    easy = (1.0 - arrays["hard"]) * mask
+    out.update(nll_hard=float((nll * hard).sum() / max(hard.sum(), 1.0)),
+               nll_easy=float((nll * easy).sum() / max(easy.sum(), 1.0)))
+  if "recall" in arrays and arrays["recall"].any():
+    recall = arrays["recall"] & (mask > 0)
+    out["recall_acc"] = float(arrays["hit"][recall].mean())
+  return out
 
 
 def _summary(variant: Variant, cfg: ttt_lm.TTTLMConfig, arrays: dict,
              programs: _Programs) -> dict:
   """valid perplexity, FLOPs, allocation and correlations from `_evaluate`'s arrays."""
   mb = cfg.ttt_mini_batch
-  mask, nll, steps = arrays["mask"], arrays["nll"], arrays["steps"]
+  mask, steps = arrays["mask"], arrays["steps"]
   n, seq = mask.shape
-  mean_nll = float((nll * mask).sum() / mask.sum())
-  out = dict(mode=variant.mode, k=variant.k, valid_nll=mean_nll, valid_ppl=math.exp(mean_nll),
-             scored_tokens=int(mask.sum()))
-  if "hard" in arrays:
-    hard = arrays["hard"].astype(np.float64) * mask
-    easy = (1.0 - arrays["hard"]) * mask
-    out.update(nll_hard=float((nll * hard).sum() / max(hard.sum(), 1.0)),
-               nll_easy=float((nll * easy).sum() / max(easy.sum(), 1.0)))
+  out = dict(mode=variant.mode, k=variant.k, **_quality(arrays))
   # Mini-batch units: every mini-batch of a row with a scored target.
   mb_real = mask.reshape(n, seq // mb, mb).max(-1) > 0
-  mb_steps = steps[:, ::mb][mb_real]
   token_steps = steps[mask > 0]
+  allocation, mb_steps = _allocation(cfg, mask, steps)
+  out.update(allocation)
   allowed = cfg.ttt_allowed_steps
-  out["allocation"] = {
-      "mini_batches": {str(k): int((mb_steps == k).sum()) for k in allowed},
-      "tokens": {str(k): int((token_steps == k).sum()) for k in allowed}}
-  out["mean_steps"] = float(token_steps.mean())
   layer = {k: ttt_lm.ttt_flops_per_token(cfg, k) for k in allowed}
   inner = {k: layer[k] - layer[0] for k in allowed}
   if variant.mode == "adaptive":
+    # The entropy signal's own cost is the SKIP first pass and the allocation.
+    gate = programs.total_flops[0] + arrays["alloc_flops"]
+    update = ponder_alloc.adaptive_flops_per_token(mb_steps, inner)
     out.update(
-        inner_flops_per_token=ponder_alloc.adaptive_flops_per_token(mb_steps, inner),
+        update_flops_per_token=update, gate_flops_per_token=gate,
+        inner_flops_per_token=update + gate,
         ttt_layer_flops_per_token=ponder_alloc.adaptive_flops_per_token(mb_steps, layer),
         total_flops_per_token=ponder_alloc.adaptive_flops_per_token(
             mb_steps, programs.total_flops) + arrays["alloc_flops"],
@@ -343,9 +382,150 @@ def _summary(variant: Variant, cfg: ttt_lm.TTTLMConfig, arrays: dict,
     out["correlations"] = correlations
   else:
     out.update(inner_flops_per_token=float(inner[variant.k]),
+               update_flops_per_token=float(inner[variant.k]), gate_flops_per_token=0.0,
                ttt_layer_flops_per_token=float(layer[variant.k]),
                total_flops_per_token=float(programs.total_flops[variant.k]))
   return out
+
+
+def _allocation(cfg: ttt_lm.TTTLMConfig, mask, steps):
+  """({"allocation": mini-batches and scored tokens at each k, "mean_steps"}, the k of
+  every mini-batch with a scored target) from per-token steps [rows, seq]."""
+  mb = cfg.ttt_mini_batch
+  n, seq = mask.shape
+  mb_steps = steps[:, ::mb][mask.reshape(n, seq // mb, mb).max(-1) > 0]
+  token_steps = steps[mask > 0]
+  allowed = cfg.ttt_allowed_steps
+  return dict(allocation={
+      "mini_batches": {str(k): int((mb_steps == k).sum()) for k in allowed},
+      "tokens": {str(k): int((token_steps == k).sum()) for k in allowed}},
+      mean_steps=float(token_steps.mean())), mb_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class GateSetting:
+  """An allocation evaluated on one trained variant's parameters (no training): the
+  reconstruction-loss gate, the oracle and a random allocation at the same rate."""
+  name: str  # suffix of the result names: recon<name>, oracle<name>, random<name>
+  source: str  # the trained variant whose parameters it runs
+  buckets: tuple
+  target: tuple
+
+
+# SKIP/update at a 50% update rate on Fixed-1's parameters (the anchor's setting and
+# the 80% recovery goal), and {1, 2, 4} at ponder_target on Fixed-4's (the goal
+# against Fixed-4 at the same parameters).
+GATE_SETTINGS = (GateSetting("_update", "fixed1", (0, 1), (0.5, 0.5)),
+                 GateSetting("", "fixed4", (1, 2, 4), _TARGET))
+GATE_RECOVERY_GOAL = 0.8  # The issue's: the gate recovers >= 80% of the oracle's gain.
+_CALIBRATION_BATCHES = 2  # Training-stream batches past the run's last step.
+
+
+def _mini_batch_score(nll_low, nll_high, mask, mb: int):
+  """[seq / mb]: the batch's realised gain nll_low - nll_high per mini-batch (mean over
+  the batch's scored targets in it), the oracle's ranking."""
+  gain, mask = (nll_low - nll_high) * mask, mask
+  n, seq = mask.shape
+  per = lambda x: x.reshape(n, seq // mb, mb).sum((0, 2))
+  return per(gain) / np.maximum(per(mask), 1.0)
+
+
+def oracle_recovery(base_nll: float, gate_nll: float, oracle_nll: float):
+  """The share of the oracle's NLL gain over the base (every mini-batch at the lowest
+  k) that the gate achieves at the same rate, (base - gate) / (base - oracle); None
+  when the oracle gains nothing."""
+  if not base_nll - oracle_nll > 0:
+    return None
+  return (base_nll - gate_nll) / (base_nll - oracle_nll)
+
+
+def _evaluate_gates(setting: GateSetting, model, params, train_batch, cfg_steps: int,
+                    batches: Sequence[dict], programs: _Programs, seed: int = 0) -> dict:
+  """Per-token arrays (as `_evaluate`) of the gate, the oracle and the random
+  allocation of one setting, plus the base (lowest k) NLL and the gate's thresholds.
+  The gate is calibrated on training batches cfg_steps, cfg_steps + 1, ... (`train_batch`,
+  past the trained steps)."""
+  cfg = model.config
+  mb, low, top = cfg.ttt_mini_batch, setting.buckets[0], setting.buckets[-1]
+  calibration = [train_batch(cfg_steps + i)["tokens"][:, :-1]
+                 for i in range(_CALIBRATION_BATCHES)]
+  gate = ttt_lm.calibrate_recon_gate(model, params, calibration, buckets=setting.buckets,
+                                     target=setting.target, granularity="batch")
+  rng = np.random.default_rng(seed)
+  names = ("recon", "oracle", "random")
+  out = {name: {key: [] for key in ("nll", "mask", "steps", "hit", "hard", "recall",
+                                    "steps_mask")} for name in names}
+  base, programs_by_name = [], {}
+  for batch in batches:
+    inputs, targets, mask = batch["tokens"][:, :-1], batch["tokens"][:, 1:], batch["mask"]
+    nll_low = np.asarray(_token_nll(programs.by_k[low](params, inputs), targets))
+    nll_top = np.asarray(_token_nll(programs.by_k[top](params, inputs), targets))
+    base.append(nll_low)
+    logits, decisions = ttt_lm.gate_decisions(model, params, inputs, gate)
+    layer_steps = [np.asarray(k).T for k, _ in decisions.values()]  # [batch, n] per layer
+    score = _mini_batch_score(nll_low, nll_top, mask, mb)
+    allocs = {"recon": (logits, layer_steps)}
+    for name, ranking in (("oracle", score), ("random", rng.random(score.shape))):
+      steps = ponder_alloc.allocate(ranking, ponder_alloc.calibrate(
+          ranking, setting.target, setting.buckets), setting.buckets)
+      allocs[name] = (programs.second_pass(params, inputs, steps),
+                      [np.broadcast_to(np.asarray(steps), (len(inputs), len(steps)))])
+    for name, (logits, layer_steps) in allocs.items():
+      o = out[name]
+      o["nll"].append(np.asarray(_token_nll(logits, targets)))
+      _append_quality(o, batch, logits)
+      for k in layer_steps:  # Every TTT layer's allocation, stacked as rows.
+        o["steps"].append(np.repeat(k, mb, axis=1))
+        o["steps_mask"].append(mask)
+    programs_by_name.setdefault("recon", functools.partial(
+        ttt_lm.gate_decisions, model, params, inputs, gate))
+    programs_by_name.setdefault("allocated", functools.partial(
+        programs.second_pass, params, inputs, allocs["oracle"][1][0][0]))
+  arrays = {name: {k: np.concatenate(v) for k, v in o.items() if v} for name, o in out.items()}
+  base = np.concatenate(base)
+  return dict(arrays=arrays, gate=gate, timed=programs_by_name,
+              base_nll=float((base * arrays["recon"]["mask"]).sum()
+                             / arrays["recon"]["mask"].sum()))
+
+
+def _gate_summaries(setting: GateSetting, cfg: ttt_lm.TTTLMConfig, evaluated: dict,
+                    programs: _Programs) -> dict:
+  """The results rows recon<name>, oracle<name>, random<name>: quality, allocation,
+  FLOPs (the gate's signal counted in its inner and total FLOPs) and the recovery."""
+  allowed = cfg.ttt_allowed_steps
+  layer = {k: ttt_lm.ttt_flops_per_token(cfg, k) for k in allowed}
+  inner = {k: layer[k] - layer[0] for k in allowed}
+  rows = {}
+  for name, arrays in evaluated["arrays"].items():
+    allocation, mb_steps = _allocation(cfg, arrays["steps_mask"], arrays["steps"])
+    gate = float(ttt_lm.gate_flops_per_token(cfg)) if name == "recon" else 0.0
+    # One pass (no SKIP first pass): the mean over the allocated k.
+    mean = lambda table: float(np.mean([table[int(k)] for k in mb_steps]))
+    update = mean(inner)
+    rows[name + setting.name] = dict(
+        # The recon gate is an adaptive variant for benchmarks.goals; the oracle (which
+        # needs every k's outcome first) and random are references, not candidates.
+        mode="adaptive" if name == "recon" else name, k=0, params_of=setting.source,
+        buckets=list(setting.buckets), target=list(setting.target), **_quality(arrays),
+        **allocation, realised_rate=float(mb_steps.mean()) / max(setting.buckets),
+        target_rate=float(np.dot(setting.target, setting.buckets)) / max(setting.buckets),
+        update_flops_per_token=update, gate_flops_per_token=gate,
+        inner_flops_per_token=update + gate,
+        ttt_layer_flops_per_token=mean(layer),
+        total_flops_per_token=mean(programs.total_flops) + gate)
+  base = evaluated["base_nll"]
+  nll = {name: rows[name + setting.name]["valid_nll"] for name in evaluated["arrays"]}
+  recovery = dict(
+      params_of=setting.source, buckets=list(setting.buckets), target=list(setting.target),
+      thresholds=np.asarray(evaluated["gate"].thresholds).tolist(), base_nll=base,
+      gate_nll=nll["recon"], oracle_nll=nll["oracle"], random_nll=nll["random"],
+      recovery=oracle_recovery(base, nll["recon"], nll["oracle"]),
+      random_recovery=oracle_recovery(base, nll["random"], nll["oracle"]),
+      realised_rate=rows["recon" + setting.name]["realised_rate"],
+      target_rate=rows["recon" + setting.name]["target_rate"], goal=GATE_RECOVERY_GOAL)
+  recovery["passed"] = (recovery["recovery"] is not None
+                        and recovery["recovery"] >= GATE_RECOVERY_GOAL)
+  return rows, recovery
 
 
 def _train_speed(workdir: str) -> Optional[float]:
@@ -425,7 +605,9 @@ def inner_fit(model: ttt_lm.TTTLM, params, inputs) -> dict:
 
 
 def _plots(out_dir: str, preset: str, results: dict, workdirs: dict) -> None:
-  points = [dict(r, label=name, group="adaptive" if r["mode"] == "adaptive" else "fixed k",
+  groups = {"adaptive": "adaptive (entropy, recon gates)", "oracle": "oracle / random",
+            "random": "oracle / random"}
+  points = [dict(r, label=name, group=groups.get(r["mode"], "fixed k"),
                  eval_us_per_token=1e6 * r["eval_s_per_token"]) for name, r in results.items()]
   analysis.plots.pareto(
       points, os.path.join(out_dir, "pareto.png"), y="valid_ppl", y_label="valid perplexity",
@@ -441,17 +623,64 @@ def _plots(out_dir: str, preset: str, results: dict, workdirs: dict) -> None:
   analysis.plots.allocation_histogram(fractions, os.path.join(out_dir, "allocation.png"),
                                       title="inner steps allocated (evaluation data)")
   metrics = [("train", "loss"), ("eval", "perplexity")]
-  if preset == "synthetic":
+  if preset in ("synthetic", "recall"):
     metrics += [("eval", "nll_easy"), ("eval", "nll_hard")]
+  if preset == "recall":
+    metrics += [("eval", "recall_acc")]
+  if results["skip"].get("recall_acc") is not None:
+    analysis.plots.pareto(
+        points, os.path.join(out_dir, "recall.png"), y="recall_acc",
+        y_label="recall accuracy", xs=[("inner_flops_per_token", "inner FLOPs / token"),
+                                       ("eval_us_per_token", "eval time / token (us)")],
+        title=f"PonderTTT on {preset}: recall accuracy against compute")
   analysis.plots.compare_runs({name: plog.read_metrics(w) for name, w in workdirs.items()},
                               os.path.join(out_dir, "curves.png"), metrics=metrics,
                               title=f"TTT LM variants on {preset}")
 
 
-def run(out_dir: str, preset: str, budget: Budget, *, data_dir: str = "",
+FIXED1_GOAL = dict(max_ppl_ratio=0.95, min_recall_gain=0.10)  # The issue's.
+
+
+def fixed1_vs_skip(results: dict) -> dict:
+  """Whether one inner step buys something: Fixed-1's perplexity at least 5% below
+  SKIP's, or (recall) its recall accuracy at least 10 points above."""
+  f1, skip = results["fixed1"], results["skip"]
+  out = dict(FIXED1_GOAL, ppl_ratio=f1["valid_ppl"] / skip["valid_ppl"])
+  out["passed"] = out["ppl_ratio"] <= FIXED1_GOAL["max_ppl_ratio"]
+  if "recall_acc" in f1:
+    out["recall_gain"] = f1["recall_acc"] - skip["recall_acc"]
+    out["passed"] |= out["recall_gain"] >= FIXED1_GOAL["min_recall_gain"]
+  return out
+
+
+def _seed_spread(preset: str, budget: Budget, data_dir: str, out_dir: str, seeds: int,
+                 batches, programs: _Programs, echo: Callable) -> dict:
+  """Fixed and SKIP variants retrained with seeds 1..seeds-1 (workdirs DIR/<name>_s<i>;
+  the main rows are seed 0): {name: {"valid_ppl": [per seed], "recall_acc": [...]}},
+  seed 0 first. Empty for one seed."""
+  if seeds < 2:
+    return {}
+  spread = {}
+  for variant in variants(budget):
+    if variant.mode == "adaptive":
+      continue
+    rows = []
+    for seed in range(seeds):
+      cfg = variant_config(preset, budget, variant, data_dir, seed=seed)
+      workdir = os.path.join(out_dir, variant.name + (f"_s{seed}" if seed else ""))
+      echo(f"== {variant.name}, seed {seed}: {workdir}")
+      task, params, _, _ = train_or_load(cfg, workdir, echo)
+      rows.append(_quality(_evaluate(variant, task.model, params, batches, programs)))
+    spread[variant.name] = {key: [r[key] for r in rows] for key in rows[0]
+                            if key in ("valid_ppl", "recall_acc")}
+  return spread
+
+
+def run(out_dir: str, preset: str, budget: Budget, *, data_dir: str = "", seeds_n: int = 1,
         echo: Callable = print) -> dict:
   """Trains or loads every variant, measures them, writes DIR/results.json and the PNGs,
-  and returns the results."""
+  and returns the results. seeds_n > 1 retrains SKIP and Fixed-1/2/4 with seeds
+  1..seeds_n-1 for their seed spread (`_seed_spread`)."""
   os.makedirs(out_dir, exist_ok=True)
   machine = common.machine()
   loaded, workdirs, configs = {}, {}, {}
@@ -491,6 +720,22 @@ def run(out_dir: str, preset: str, budget: Budget, *, data_dir: str = "",
     else:
       fn = programs.by_k[variant.k]
     timed[name] = functools.partial(fn, params, timing_inputs)
+  recovery = {}
+  for setting in GATE_SETTINGS:
+    _, task, params, _, _ = loaded[setting.source]
+    echo(f"gates on {setting.source}'s parameters, buckets {setting.buckets} ...")
+    evaluated = _evaluate_gates(setting, canonical, params, task.train_batch,
+                                configs[setting.source].trainer.total_steps, batches,
+                                programs, seed=configs[setting.source].seed)
+    rows, recovery["recon" + setting.name] = _gate_summaries(
+        setting, canonical.config, evaluated, programs)
+    for name, row in rows.items():
+      results[name] = dict(row, inner_fit=results[setting.source]["inner_fit"])
+      kind = "recon" if name.startswith("recon") else "allocated"
+      timed[name] = evaluated["timed"][kind]
+  seeds = _seed_spread(preset, budget, data_dir, out_dir, seeds_n, batches, programs, echo)
+  for name, spread in seeds.items():
+    results[name]["seeds"] = spread
   echo(f"timing {len(timed)} evaluation programs in round robin ...")
   times = analysis.measure_interleaved(timed, warmup=1, runs=budget.timing_runs)
   for name, t in times.items():
@@ -509,7 +754,8 @@ def run(out_dir: str, preset: str, budget: Budget, *, data_dir: str = "",
       flops_by_k=dict(total_compiled={str(k): v for k, v in programs.total_flops.items()},
                       ttt_layer={str(k): ttt_lm.ttt_flops_per_token(canonical.config, k)
                                  for k in programs.total_flops}),
-      variants=results, goal=goals.ponder_pareto(results),
+      variants=results, goal=goals.ponder_pareto(results), gate_recovery=recovery,
+      fixed1_vs_skip=fixed1_vs_skip(results),
       throughput=layer_throughput(**budget.layer))
   _plots(out_dir, preset, results, workdirs)
   common.write_json(os.path.join(out_dir, "results.json"), result)
@@ -523,12 +769,17 @@ def print_throughput(t: dict) -> None:
 
 
 def print_summary(result: dict) -> None:
-  print(f"\n{'variant':22} {'ppl':>8} {'inner F/tok':>11} {'total F/tok':>11} "
-        f"{'us/tok':>7} {'mean k':>6}")
+  print(f"\n{'variant':22} {'ppl':>8} {'recall':>6} {'inner F/tok':>11} {'gate F/tok':>11} "
+        f"{'total F/tok':>11} {'us/tok':>7} {'mean k':>6}")
   for name, r in result["variants"].items():
-    print(f"{name:22} {r['valid_ppl']:8.3f} {r['inner_flops_per_token']:11.0f} "
+    recall = r.get("recall_acc")
+    print(f"{name:22} {r['valid_ppl']:8.3f} "
+          f"{'-' if recall is None else format(recall, '.3f'):>6} "
+          f"{r['inner_flops_per_token']:11.0f} {r['gate_flops_per_token']:11.0f} "
           f"{r['total_flops_per_token']:11.0f} {1e6 * r['eval_s_per_token']:7.2f} "
           f"{r['mean_steps']:6.2f}")
+    if "seeds" in r:
+      print(f"  seeds: {r['seeds']}")
     fit = ", ".join(f"{x:.3f}" for x in r["inner_fit"]["relative_loss"][1:])
     print(f"  inner loss after 1..{_MAX_FIT_STEPS} steps from W_0 (x step 0): {fit}")
     for what, c in r.get("correlations", {}).items():
@@ -540,16 +791,45 @@ def print_summary(result: dict) -> None:
   for name, g in goal["by_variant"].items():
     print(f"goal {name}: ppl x{g['ppl_ratio']:.4f}, inner FLOPs x{g['inner_flops_ratio']:.3f}"
           f", time x{g['time_ratio']:.3f} -> {'pass' if g['passed'] else 'fail'}")
+  f1 = result["fixed1_vs_skip"]
+  print(f"Fixed-1 over SKIP: ppl x{f1['ppl_ratio']:.4f}"
+        + (f", recall {f1['recall_gain']:+.3f}" if "recall_gain" in f1 else "")
+        + f" -> {'pass' if f1['passed'] else 'fail'}")
+  for name, g in result["gate_recovery"].items():
+    rec = lambda x: "n/a" if x is None else f"{x:.3f}"
+    print(f"{name}: oracle recovery {rec(g['recovery'])} (random {rec(g['random_recovery'])})"
+          f", rate {g['realised_rate']:.3f} for target {g['target_rate']:.3f}; nll base "
+          f"{g['base_nll']:.4f}, gate {g['gate_nll']:.4f}, oracle {g['oracle_nll']:.4f} -> "
+          f"{'pass' if g['passed'] else 'fail'}")
   print_throughput(result["throughput"])
+
+
+def define_flags() -> None:
+  """The command line's flags, defined only when this module runs as a program (so
+  tests can import it beside the other benchmarks)."""
+  flags.DEFINE_string("out", None, "Directory for results.json, the PNGs and one "
+                             "workdir per variant.")
+  flags.DEFINE_enum("preset", "synthetic", PRESETS, "configs/ttt_lm.py preset.")
+  flags.DEFINE_enum("budget", "full", list(BUDGETS),
+                              "full: the preset's steps; short: minutes; smoke: seconds.")
+  flags.DEFINE_string(
+      "data_dir", "", "wikitext2: a WikiText-layout directory, e.g. "
+      "../shared/data/wikitext-2-valsplit ('' = the config's source).")
+  flags.DEFINE_integer(
+      "seeds", 1, "Training seeds of SKIP and Fixed-1/2/4 for their seed spread (the "
+      "main rows are seed 0).")
+  flags.DEFINE_bool(
+      "throughput_only", False, "Only the TTT-Linear layer throughput, merged into "
+      "DIR/results.json.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  budget = BUDGETS[_BUDGET.value]
-  out_dir = _OUT.value
-  if _THROUGHPUT_ONLY.value:
+  budget = BUDGETS[flags.FLAGS.budget]
+  out_dir = flags.FLAGS.out
+  if flags.FLAGS.throughput_only:
     path = os.path.join(out_dir, "results.json")
     result = {}
     if os.path.exists(path):
@@ -559,9 +839,11 @@ def main(argv):
     common.write_json(path, result)
     print_throughput(result["throughput"])
   else:
-    print_summary(run(out_dir, _PRESET.value, budget, data_dir=_DATA_DIR.value))
+    print_summary(run(out_dir, flags.FLAGS.preset, budget, data_dir=flags.FLAGS.data_dir,
+                      seeds_n=flags.FLAGS.seeds))
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flag_as_required("out")
   app.run(main)

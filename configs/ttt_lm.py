@@ -7,11 +7,17 @@
 Presets: synthetic (ponder/data/synthetic.py, PonderTTT's Phase 1: spans of random,
 copied and arithmetic tokens; the evaluation also reports nll_easy / nll_hard on the
 predictable and unpredictable targets), wikitext2 (GPT-2 BPE, a WikiText-layout
-directory), shakespeare (characters, one text file).
+directory), shakespeare (characters, one text file); long context with 32/64-token
+sliding-window attention beside TTT: recall (synthetic associative recall at 512, the
+answers 449+ tokens from their source; also recall_acc), shakespeare_long (characters
+at 1024), wikitext2_long (BPE at 512).
 Arguments: mode=fixed|skip|adaptive (k inner steps everywhere, k = 0, or PonderTTT's
 entropy-based allocation among model.ponder_buckets), k=INT (the fixed k), smoke (a
 seconds-long run on the packaged text or a small synthetic task).
-benchmarks/ponder_pareto.py trains and compares every mode of a preset.
+benchmarks/ponder_pareto.py trains and compares every mode of a preset, and evaluates
+PonderTTT's reconstruction-loss gate (model.ponder_gate="recon" with ponder_thresholds
+from models.ttt_lm.calibrate_recon_gate), the oracle and a random allocation on the
+trained Fixed-1 / Fixed-4 parameters.
 
 Sized for the 2-core CPU. Seconds per training step measured there while another
 training job shared the cores (1-minute load about 4; an idle machine is about twice as
@@ -41,6 +47,32 @@ PRESETS = {
     "wikitext2": common.derive(
         gpt2_lm.PRESETS["wikitext2"], model=dict(ttt_positions=(1, 3)),
         trainer=dict(total_steps=100, eval_every=50, ckpt_every=50),
+        optim=dict(warmup_steps=10)),
+    # Long context with TTT as the only long-range path: 32-token sliding-window
+    # attention beside TTT, so what lies further back reaches a token through the fast
+    # weights only. recall: ponder/data/synthetic.py's associative recall, its queries
+    # 449+ tokens after the store (evaluation adds recall_acc).
+    "recall": dict(
+        model=dict(n_layer=2, n_embd=64, n_head=2, n_positions=512, ttt_positions=(1,),
+                   attn_window=32),
+        data=dict(source="synthetic:recall", tokenizer="none", seq_len=512),
+        trainer=dict(total_steps=600, batch_size=8, log_every=20, eval_every=100,
+                     ckpt_every=100),
+        optim=dict(lr=2e-3, warmup_steps=50, weight_decay=0.1, b2=0.99)),
+    # Tiny Shakespeare characters at 1024, the same window.
+    "shakespeare_long": dict(
+        model=dict(n_layer=4, n_embd=128, n_head=4, n_positions=1024, ttt_positions=(1, 3),
+                   attn_window=32),
+        data=dict(source="local:data/tinyshakespeare/input.txt", tokenizer="char",
+                  seq_len=1024),
+        trainer=dict(total_steps=1000, batch_size=8, eval_every=250, ckpt_every=250),
+        optim=dict(lr=1e-3, warmup_steps=100, weight_decay=0.1, b2=0.99)),
+    # WikiText-2 GPT-2 BPE at 512 (the wikitext2 preset's model), a 64-token window.
+    "wikitext2_long": common.derive(
+        gpt2_lm.PRESETS["wikitext2"],
+        model=dict(n_positions=512, ttt_positions=(1, 3), attn_window=64),
+        data=dict(seq_len=512), trainer=dict(total_steps=100, batch_size=8, eval_every=50,
+                                             ckpt_every=50),
         optim=dict(warmup_steps=10)),
     "shakespeare": dict(
         model=dict(n_layer=4, n_embd=256, n_head=4, n_positions=256, ttt_positions=(1, 3)),
@@ -87,6 +119,7 @@ def get_config(arg=None):
       ponder_budget=0.0,           # adaptive: max mean k (thresholds scaled up); 0 = none
       ponder_granularity="batch",  # adaptive: batch (one k per mini-batch) | example
       ponder_causal=True,          # adaptive: difficulty from positions each token sees
+      ponder_gate="entropy",       # adaptive signal: entropy (SKIP first pass) | recon (needs thresholds)
   )
   c.model.update(p["model"])
   c.data = common.lm_data(
@@ -97,10 +130,11 @@ def get_config(arg=None):
   c.mesh = common.mesh()
   if arg.smoke:
     c.model.update(n_layer=2, n_embd=32, n_head=2, n_positions=64, ttt_positions=(1,),
-                   ttt_mini_batch=8)
-    if arg.preset != "synthetic":
+                   ttt_mini_batch=8, attn_window=min(c.model.attn_window, 8))
+    if not c.data.source.startswith("synthetic:"):
       c.data.source = "builtin:smoke"
-    c.data.update(seq_len=32, eval_batches=1)
+    # recall stores 16 pairs: 4 x 16 tokens of store and queries, one of filler.
+    c.data.update(seq_len=64 if arg.preset == "recall" else 32, eval_batches=1)
     c.trainer.update(total_steps=3, batch_size=4, log_every=1, eval_every=3, ckpt_every=2)
     c.optim.update(warmup_steps=1)
   return c

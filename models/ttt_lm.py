@@ -20,6 +20,8 @@ Inner steps (`steps` of `__call__`, passed to every TTT layer):
   [n] int       k per mini-batch, n = ceil(seq / ttt_mini_batch), shared by the batch
                 (`lax.switch`: a mini-batch with fewer steps runs fewer ops);
   [batch, seq]  k per token (loss masking over max(ttt_allowed_steps) steps);
+  ttt.ReconGate k per mini-batch chosen inside every TTT layer's scan from its own
+                reconstruction loss (PonderTTT's cheap gate: no first pass);
   "adaptive"    PonderTTT: a first pass with k = 0 gives next-token entropies, their
                 mean per mini-batch is the difficulty, the thresholds are calibrated on
                 the current batch (percentiles `ponder_target` -> `ponder_buckets`,
@@ -30,6 +32,9 @@ Inner steps (`steps` of `__call__`, passed to every TTT layer):
                 (which sees the whole batch, so it is not causal; `adaptive_steps`).
                 The first pass is a full SKIP forward pass: count its FLOPs
                 (`ponder_alloc.adaptive_flops_per_token`). No gradient flows through it.
+                With ponder_gate="recon", "adaptive" is instead `recon_gate(cfg)`:
+                ponder_thresholds (from `calibrate_recon_gate`) on the TTT layers'
+                log reconstruction losses, one pass.
 
 The TTT layer's options follow the public code (test-time-training/ttt-lm-jax) by
 default, each with the paper's choice one field away (ponder/nn/ttt.py's docstring has
@@ -68,6 +73,7 @@ from ponder.nn import ttt
 
 MODES = ("replace", "add")
 GRANULARITIES = ("batch", "example")
+GATES = ("entropy", "recon")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +102,7 @@ class TTTLMConfig(gpt2.GPT2Config):
   ponder_budget: float = 0.0  # Adaptive: max mean k; 0 = no budget.
   ponder_granularity: str = "batch"  # Adaptive: "batch" or "example" (see above).
   ponder_causal: bool = True  # Adaptive: causal difficulty (ponder_alloc docstring).
+  ponder_gate: str = "entropy"  # Adaptive signal: "entropy" (SKIP first pass) | "recon".
 
   def __post_init__(self):
     super().__post_init__()
@@ -126,6 +133,13 @@ class TTTLMConfig(gpt2.GPT2Config):
     if self.attn_window < 0:
       raise errors.ConfigError(f"attn_window must be >= 0 (0 = full causal), got "
                                f"{self.attn_window}.")
+    if self.ponder_gate not in GATES:
+      raise errors.unknown_key("ponder_gate", self.ponder_gate, GATES)
+    if self.ponder_gate == "recon" and not self.ponder_thresholds:
+      raise errors.ConfigError(
+          "ponder_gate='recon' needs ponder_thresholds on the log reconstruction loss: "
+          "compute them with models.ttt_lm.calibrate_recon_gate(model, params, inputs) on "
+          "calibration batches of a trained run.")
     if self.ponder_granularity not in GRANULARITIES:
       raise errors.unknown_key("ponder_granularity", self.ponder_granularity, GRANULARITIES)
     if not set(self.ponder_buckets) <= set(self.ttt_allowed_steps):
@@ -366,6 +380,8 @@ class TTTLM(nn.Module):
       positions = jnp.arange(padded)  # Attention's causal mask reads these.
       if isinstance(steps, str):
         _check_steps_value(steps)
+      elif isinstance(steps, ttt.ReconGate):
+        pass
       elif not isinstance(steps, (int, np.integer)) and jnp.ndim(steps) == 2:
         if jnp.shape(steps) != input_ids.shape:
           raise errors.ShapeError(f"per-token steps must be [batch, seq] = "
@@ -405,7 +421,9 @@ class TTTLM(nn.Module):
     if cache is not None:
       logits, layers = forward(steps, train, cache.layers)
       return logits, TTTLMCache(tuple(layers), cache.length + 1)
-    if isinstance(steps, str):  # "adaptive"
+    if isinstance(steps, str) and cfg.ponder_gate == "recon":
+      steps = recon_gate(cfg)
+    elif isinstance(steps, str):  # "adaptive" with the entropy gate
       probe = jax.lax.stop_gradient(forward(0, False)[0])
       steps = adaptive_steps(cfg, probe)
     return forward(steps, train)[0][:, :t]
@@ -495,6 +513,49 @@ def adaptive_steps(cfg: TTTLMConfig, probe_logits: jax.Array) -> jax.Array:
   if cfg.ponder_granularity == "example":
     steps = jnp.repeat(steps, cfg.ttt_mini_batch, axis=1)
   return steps
+
+
+def recon_gate(cfg: TTTLMConfig) -> ttt.ReconGate:
+  """The config's reconstruction-loss gate: ponder_thresholds over ponder_buckets at
+  the ponder_target fractions' rate, one decision per mini-batch or per example."""
+  return ttt.recon_gate(cfg.ponder_thresholds, cfg.ponder_buckets, cfg.ponder_target,
+                        granularity=cfg.ponder_granularity)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def gate_decisions(model: "TTTLM", params, inputs, gate: ttt.ReconGate):
+  """(logits, {block: (steps, signal)}) of a gated pass: every TTT layer's k and log
+  reconstruction loss per mini-batch, [n, batch] each."""
+  logits, aux = model.apply({"params": params}, inputs, train=False, steps=gate,
+                            mutable=["intermediates"])
+  return logits, {name: v["ttt"]["gate"][0] for name, v in aux["intermediates"].items()
+                  if "gate" in v.get("ttt", {})}
+
+
+def calibrate_recon_gate(model: "TTTLM", params, inputs, *, buckets=None, target=None,
+                         granularity: Optional[str] = None) -> ttt.ReconGate:
+  """A reconstruction-loss gate calibrated on calibration batches `inputs` (a sequence
+  of [batch, seq] token arrays of one shape, from training data, not the evaluation
+  set): the signals of the trajectory that gives every mini-batch max(buckets) steps,
+  pooled over the batches and TTT layers, split at the percentiles of the `target`
+  fractions (`ttt.calibrate_recon_gate`). Defaults: the config's ponder_buckets,
+  ponder_target, ponder_granularity. `gate.thresholds` is what ponder_thresholds takes
+  for ponder_gate="recon"."""
+  cfg = model.config
+  buckets = tuple(buckets or cfg.ponder_buckets)
+  target = tuple(target or cfg.ponder_target)
+  granularity = granularity or cfg.ponder_granularity
+  top = ttt.always_top(buckets)
+  signals = [signal for batch in inputs
+             for _, signal in gate_decisions(model, params, batch, top)[1].values()]
+  return ttt.calibrate_recon_gate(jnp.stack(signals), buckets, target, granularity)
+
+
+def gate_flops_per_token(cfg: TTTLMConfig) -> int:
+  """Analytic FLOPs per token of the reconstruction-loss signal in all TTT layers."""
+  heads = cfg.ttt_heads or cfg.n_head
+  return (ttt.recon_signal_flops_per_token(cfg.n_embd // heads, kind=cfg.ttt_kind)
+          * heads * len(cfg.ttt_positions))
 
 
 def ttt_flops_per_token(cfg: TTTLMConfig, steps: int) -> int:

@@ -17,6 +17,16 @@ A sequence is a run of spans, each of one kind:
 `source[t]` the copied position of a COPY token (-1 elsewhere). For next-token
 prediction at position t (target t + 1), use difficulty[:, 1:].
 
+RECALL (the "recall" task, `sample_recall`): associative recall whose sources lie far
+outside an attention window. A row opens with a store of `num_pairs` (key, value) pairs,
+then `length - 4 num_pairs` uniform filler tokens, then the same keys again in a random
+order, each followed by its value. The keys of a row are distinct, so a queried value
+(kind RECALL, difficulty 0, source = the stored value's position) is determined only by
+the store, at least `length - 4 num_pairs` positions back; every other token is a fresh
+draw (difficulty 1: store keys and values, filler, query keys). Keys, values and filler
+use disjoint ranges of the vocabulary. Score recall with the accuracy of the next-token
+argmax on the RECALL targets (train/tasks.py reports it as recall_acc).
+
 Sources name a task in TASKS: the config string "synthetic:mixed". Batches are pure
 functions of (seed, step) as in `ponder.data.text.lm_train_batch`; evaluation batches
 come from a separate stream of the same seed.
@@ -28,7 +38,7 @@ import numpy as np
 
 from ponder import errors
 
-RANDOM, COPY, ARITH = 0, 1, 2
+RANDOM, COPY, ARITH, RECALL = 0, 1, 2, 3
 KINDS = {"random": RANDOM, "copy": COPY, "arith": ARITH}
 
 TASKS = {
@@ -38,6 +48,11 @@ TASKS = {
     "copy": dict(vocab_size=64, probs=dict(random=0.5, copy=0.5), min_span=8, max_span=32),
     "arith": dict(vocab_size=64, probs=dict(random=0.5, arith=0.5), min_span=8,
                   max_span=32),
+    # Long-range recall: 16 pairs, the store at least 513 - 64 = 449 tokens before its
+    # queries at the recall preset's seq_len 512 (configs/ttt_lm.py), far outside a
+    # 32-token attention window. Keys [0, 16), values [16, 32), filler [32, 64).
+    "recall": dict(sampler="recall", vocab_size=64, num_keys=16, num_values=16,
+                   num_pairs=16),
 }
 
 _TRAIN_STREAM, _EVAL_STREAM, _TEST_STREAM = 0, 1, 2
@@ -97,10 +112,43 @@ def sample_sequence(rng: np.random.Generator, length: int, *, vocab_size: int, p
   return {"tokens": tokens, "difficulty": difficulty, "kind": kind, "source": source}
 
 
+def sample_recall(rng: np.random.Generator, length: int, *, vocab_size: int, num_keys: int,
+                  num_values: int, num_pairs: int) -> dict[str, np.ndarray]:
+  """One associative-recall row of `length` tokens (module docstring), the same fields
+  as `sample_sequence`; kind RECALL marks the queried values."""
+  filler = vocab_size - num_keys - num_values
+  gap = length - 4 * num_pairs
+  if not 1 <= num_pairs <= num_keys or filler < 1 or gap < 1:
+    raise errors.ConfigError(
+        f"recall needs 1 <= num_pairs ({num_pairs}) <= num_keys ({num_keys}), filler "
+        f"tokens (vocab_size {vocab_size} - keys - values = {filler} >= 1) and a gap "
+        f"(length {length} - 4 num_pairs = {gap} >= 1): lengthen the sequence or "
+        "store fewer pairs.")
+  keys = rng.choice(num_keys, num_pairs, replace=False).astype(np.int32)
+  values = rng.integers(num_keys, num_keys + num_values, num_pairs).astype(np.int32)
+  order = rng.permutation(num_pairs)
+  store = np.stack([keys, values], 1).ravel()
+  queries = np.stack([keys[order], values[order]], 1).ravel()
+  tokens = np.concatenate([store, rng.integers(num_keys + num_values, vocab_size, gap),
+                           queries]).astype(np.int32)
+  difficulty = np.ones(length, np.int8)
+  kind = np.full(length, RANDOM, np.int8)
+  source = np.full(length, -1, np.int32)
+  answers = length - 2 * num_pairs + 1 + 2 * np.arange(num_pairs)
+  difficulty[answers] = 0
+  kind[answers] = RECALL
+  source[answers] = 2 * order + 1  # The stored value's position.
+  return {"tokens": tokens, "difficulty": difficulty, "kind": kind, "source": source}
+
+
+SAMPLERS = {"spans": sample_sequence, "recall": sample_recall}
+
+
 def _batch(source: str, rng: np.random.Generator, batch_size: int,
            length: int) -> dict[str, np.ndarray]:
   spec = dict(task_spec(source))
-  rows = [sample_sequence(rng, length, **spec) for _ in range(batch_size)]
+  sampler = SAMPLERS[spec.pop("sampler", "spans")]
+  rows = [sampler(rng, length, **spec) for _ in range(batch_size)]
   return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
 
 

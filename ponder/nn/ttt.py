@@ -84,7 +84,10 @@ as in training. Three entry points choose the number of inner steps:
   `ttt_scan_switch`     k per mini-batch from a traced array, one `lax.switch` branch
                         per allowed k, so a mini-batch with fewer steps runs fewer ops;
   `ttt_scan_per_token`  k_t per token, as a mask on the loss of a fixed number of steps.
-`inner_flops_per_token` is their analytic FLOP count, tested against XLA's count.
+  `ttt_scan_gated`      k per mini-batch decided inside the scan by a `ReconGate` from
+                        the layer's own reconstruction loss (PonderTTT's cheap gate).
+`inner_flops_per_token` is their analytic FLOP count, tested against XLA's count
+(`recon_signal_flops_per_token` the gate's).
 `TTTLayer` is the flax.linen layer: projections theta_Q/K/V, eta, the inner loop per
 head, a LayerNorm and the output projection, as the public TTT layer, with its options:
   rope=True            RoPE on theta_Q x and theta_K x per head, at positions modulo
@@ -107,6 +110,7 @@ conv_width - 1 rows the convolutions read; see `TTTLayer.__call__`.
 import functools
 from typing import Any, Optional, Sequence, Union
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -114,6 +118,7 @@ import numpy as np
 from jax import lax
 
 from ponder import errors
+from ponder.nn import ponder_alloc
 
 KINDS = ("linear", "mlp")
 FORMS = ("grad", "dual")
@@ -320,9 +325,10 @@ def _scan(step, state, xq, xk, xv, etas, mini_batch, index=None):
   xs = (split(xq, 2), split(xk, 2), split(xv, 2), split(etas, 3))
   if index is not None:
     xs = (index, xs)
-  final, z = lax.scan(step, state, xs)
+  final, ys = lax.scan(step, state, xs)
+  z, aux = ys if isinstance(ys, tuple) else (ys, None)  # aux: per mini-batch, [n, ...].
   z = jnp.moveaxis(z, 0, 2).reshape(batch, heads, seq, dim)
-  return z, final
+  return (z, final) if aux is None else (z, final, aux)
 
 
 def ttt_scan(state, xq, xk, xv, eta, ln_scale, ln_bias, *, kind: str = "linear",
@@ -469,6 +475,135 @@ def ttt_scan_per_token(state, xq, xk, xv, eta, ln_scale, ln_bias, token_steps, *
   return _scan(step, state, xq, xk, xv, etas, mini_batch)
 
 
+GATE_GRANULARITIES = ("batch", "example")
+
+
+@flax.struct.dataclass
+class ReconGate:
+  """PonderTTT's cheap gate (deveworld/ponderTTT, arXiv 2601.00894): each mini-batch's
+  number of inner steps from the TTT layer's own reconstruction loss, no second pass.
+
+  Signal of mini-batch n: s_n = log L(W_{n-1}; x_{n-1}), the log of the previous
+  mini-batch's unweighted inner loss sum_s ||f(theta_K x_s; W) - theta_V x_s||^2 / b at
+  the W it started from (one X_K W + b and one LN; `recon_signal`). The anchor reads the
+  loss at the start of the chunk it gates; reading the previous one keeps the layer
+  causal (a mini-batch's own loss would let token i's k depend on tokens after i). The
+  first mini-batch has no signal and takes the top bucket.
+  Decision: bucket_n = #{j : s_n > thresholds_j + o_n}, k_n = buckets[bucket_n], with
+  `thresholds` the percentiles of s over a calibration set for the target fractions
+  (`calibrate_recon_gate`, ponder_alloc.calibrate) and o_n an offset that an EMA keeps
+  on target: r_n = ema r_{n-1} + (1 - ema) k_n / k_max, o_{n+1} = o_n + gain (r_n -
+  target_rate), r_0 = target_rate, o_0 = 0 (a realised rate above the target raises
+  the thresholds). target_rate is the target mean k over k_max (the update rate for
+  buckets (0, 1)).
+  granularity "batch": s_n averaged over the batch, one k per mini-batch (`lax.switch`:
+  a mini-batch with fewer steps runs fewer ops); "example": one k per row, run as
+  max(buckets) masked steps (no time saved; count the FLOPs analytically).
+  """
+  # Arrays (traced, so one compiled program serves every calibration of a bucket set):
+  thresholds: jax.Array  # [len(buckets) - 1] ascending, on the log signal.
+  target_rate: jax.Array  # Target mean k / max(buckets).
+  ema: jax.Array  # EMA decay of the realised rate.
+  gain: jax.Array  # Offset change per unit of rate error (0: fixed thresholds).
+  buckets: tuple = flax.struct.field(pytree_node=False, default=(0, 1))
+  granularity: str = flax.struct.field(pytree_node=False, default="batch")
+
+
+def recon_gate(thresholds, buckets: Sequence[int], target: Sequence[float], *,
+               ema: float = 0.9, gain: float = 1.0, granularity: str = "batch") -> ReconGate:
+  """A ReconGate whose target rate is the mean k of fractions `target` over `buckets`."""
+  buckets = tuple(int(k) for k in buckets)
+  if granularity not in GATE_GRANULARITIES:
+    raise errors.unknown_key("gate granularity", granularity, GATE_GRANULARITIES)
+  if len(target) != len(buckets) or sorted(buckets) != list(buckets) or buckets[-1] < 1:
+    raise errors.ConfigError(f"gate buckets {buckets} must ascend to a k >= 1, one target "
+                             f"fraction each (got {tuple(target)}).")
+  thresholds = jnp.asarray(thresholds, jnp.float32)
+  if thresholds.shape != (len(buckets) - 1,):
+    raise errors.ShapeError(f"gate thresholds must be [len(buckets) - 1] = "
+                            f"[{len(buckets) - 1}], got {thresholds.shape}.")
+  rate = float(np.dot(target, buckets)) / buckets[-1]
+  return ReconGate(thresholds, jnp.float32(rate), jnp.float32(ema), jnp.float32(gain),
+                   buckets, granularity)
+
+
+def always_top(buckets: Sequence[int]) -> ReconGate:
+  """The gate that gives every mini-batch max(buckets) steps (thresholds -inf, no EMA):
+  Fixed-k_max's trajectory, whose signals calibrate a gate."""
+  n = len(buckets)
+  return recon_gate(jnp.full((n - 1,), -jnp.inf), buckets, (0.0,) * (n - 1) + (1.0,),
+                    gain=0.0)
+
+
+def recon_signal(state, xk, xv, ln_scale, ln_bias, *, kind: str) -> jax.Array:
+  """[batch]: log of the mean over heads and tokens of ||f(theta_K x_s; W) - theta_V
+  x_s||^2 for one mini-batch's views [batch, heads, b, d] at the weights `state`
+  ([batch, heads, ...])."""
+  loss = lambda w, k, v, scale, bias: inner_loss(w, k, v, 1.0 / k.shape[0], scale, bias,
+                                                 kind=kind)
+  per_head = jax.vmap(loss, in_axes=(0, 0, 0, 0, 0))
+  per_row = jax.vmap(per_head, in_axes=(0, 0, 0, None, None))
+  return jnp.log(per_row(state, xk, xv, ln_scale, ln_bias).mean(-1))
+
+
+def ttt_scan_gated(state, xq, xk, xv, eta, ln_scale, ln_bias, gate: ReconGate, *,
+                   kind: str = "linear", form: str = "grad", mini_batch: int = 16,
+                   token_idx: Union[str, jax.Array] = "inverse",
+                   loss_scale: float = LOSS_SCALE):
+  """TTT with k per mini-batch chosen on the fly by `gate` (`ReconGate`'s rule).
+
+  Returns z, the final state and (steps [n, batch], signal [n, batch]): each
+  mini-batch's k and its own log reconstruction loss at its start (the next one's
+  signal). Other arguments as in `ttt_scan`.
+  """
+  _check(xq, mini_batch, kind, form)
+  batch = xq.shape[0]
+  buckets, k_max = gate.buckets, max(gate.buckets)
+  tau = _tau(token_idx, mini_batch)
+  if gate.granularity == "batch":
+    branches = [_mini_batch_step(kind, form, k, ln_scale, ln_bias, tau) for k in buckets]
+  else:
+    masked = _mini_batch_step(kind, form, k_max, ln_scale, ln_bias, tau)
+  values = jnp.asarray(buckets, jnp.int32)
+
+  def step(carry, mb):
+    w, prev, offset, rate = carry
+    q, k, v, etas = mb
+    signal = prev.mean(keepdims=True) if gate.granularity == "batch" else prev
+    bucket = jnp.sum(signal[:, None] > gate.thresholds[None] + offset[:, None], -1)
+    bucket = jnp.broadcast_to(bucket, (batch,))
+    own = recon_signal(w, k, v, ln_scale, ln_bias, kind=kind)
+    if gate.granularity == "batch":
+      w, z = lax.switch(bucket[0], branches, w, mb)
+    else:  # Row r's loss takes part in its first k_r of k_max steps.
+      active = values[bucket][:, None, None, None] > jnp.arange(k_max)[:, None]
+      w, z = masked(w, (q, k, v, etas * active.astype(etas.dtype)))
+    steps = values[bucket]
+    rate = gate.ema * rate + (1.0 - gate.ema) * steps / k_max
+    offset = offset + gate.gain * (rate - gate.target_rate)
+    return (w, own, offset, rate), (z, (steps, own))
+
+  carry = (state, jnp.full((batch,), jnp.inf), jnp.zeros((batch,)),
+           jnp.full((batch,), gate.target_rate))
+  z, (final, *_), aux = _scan(step, carry, xq, xk, xv, loss_scale * eta[:, :, None, :],
+                              mini_batch)
+  return z, final, aux
+
+
+def calibrate_recon_gate(signals, buckets: Sequence[int], target: Sequence[float],
+                         granularity: str = "batch", **kwargs) -> ReconGate:
+  """A gate whose thresholds are the percentiles, at the cumulative `target` fractions
+  (ponder_alloc.calibrate), of the decision signals in calibration `signals` [..., n,
+  batch]: the per mini-batch log losses `ttt_scan_gated` returns (a run under
+  `always_top`, Fixed-k_max's trajectory). A decision reads mini-batches 0..n-2 (the
+  last one's signal has no successor), averaged over the batch for granularity "batch"."""
+  signals = jnp.asarray(signals)[..., :-1, :]
+  if granularity == "batch":
+    signals = signals.mean(-1)
+  thresholds = ponder_alloc.calibrate(signals, target, buckets)
+  return recon_gate(thresholds, buckets, target, granularity=granularity, **kwargs)
+
+
 # Elementwise FLOPs per element in XLA's convention (one FLOP per elementwise op and
 # element; transcendentals such as rsqrt and tanh are not FLOPs), fitted once to XLA's
 # count of these ops (jax 0.10.2): `_layer_norm` forward plus bias and residual, 12 per
@@ -524,6 +659,15 @@ def inner_flops_per_token(steps: int, head_dim: int, *, kind: str = "linear",
   return flops
 
 
+def recon_signal_flops_per_token(head_dim: int, *, kind: str = "linear") -> int:
+  """FLOPs per token and head of `recon_signal` (the gate's cost): f(theta_K x; W) at
+  the mini-batch's start W (linear 2 d^2, mlp 4 d h + 8 h, plus 12 d of LN, bias and
+  residual) and the squared error against theta_V x (3 d: difference, square, sum)."""
+  d, h = head_dim, MLP_RATIO * head_dim
+  g = 2 * d * d if kind == "linear" else 4 * d * h + _GELU_ELEMENTWISE * h
+  return g + (_OUT_ELEMENTWISE + 3) * d
+
+
 class CausalConv(nn.Module):
   """Causal depthwise convolution over the sequence (the code's nn.Conv with padding
   "CAUSAL" and feature_group_count = features, same parameter shapes and init):
@@ -557,7 +701,9 @@ class TTTLayer(nn.Module):
   length must be a multiple of `mini_batch` (a ShapeError, a ValueError, says how to
   pad otherwise).
 
-  `steps` in `__call__`: None uses `self.steps`; an int is a static k; an int array
+  `steps` in `__call__`: None uses `self.steps`; an int is a static k; a `ReconGate`
+  picks k per mini-batch from the layer's own reconstruction loss (`ttt_scan_gated`;
+  sows "gate": (steps, signal)); an int array
   [seq / mini_batch] picks k per mini-batch among `allowed_steps` (`lax.switch`, shared
   by the batch); an int array [batch, seq] gives k_t per token (loss masking over
   max(allowed_steps) steps). `train` changes nothing: the paper runs the same inner loop
@@ -683,6 +829,11 @@ class TTTLayer(nn.Module):
       args = (state, xq, xk, xv, eta, ln_scale, ln_bias)
       if isinstance(steps, (int, np.integer)):
         z, _ = ttt_scan(*args, steps=int(steps), **common)
+      elif isinstance(steps, ReconGate):
+        z, _, (gate_steps, signal) = ttt_scan_gated(*args, steps, **common)
+        # Each mini-batch's k and log reconstruction loss, [n, batch]: the realised
+        # allocation and calibration signals (apply with mutable=["intermediates"]).
+        self.sow("intermediates", "gate", (gate_steps, signal))
       elif jnp.ndim(steps) == 1:
         z, _ = ttt_scan_switch(*args, steps, allowed_steps=self.allowed_steps, **common)
       elif jnp.ndim(steps) == 2:
@@ -690,7 +841,8 @@ class TTTLayer(nn.Module):
                                   **common)
       else:
         raise errors.ShapeError(
-            f"steps must be None, an int, [seq / mini_batch] or [batch, seq]; got shape "
+            f"steps must be None, an int, a ReconGate, [seq / mini_batch] or [batch, "
+            "seq]; got shape "
             f"{jnp.shape(steps)}.")
     z = z.transpose(0, 2, 1, 3).reshape(batch, seq, self.width)
     z = nn.LayerNorm(dtype=self.dtype, name="post_norm")(z)

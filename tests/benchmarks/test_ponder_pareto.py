@@ -21,6 +21,9 @@ from ponder import metric_log as plog
 from tests.conftest import ROOT, subprocess_env
 
 SMOKE = ponder_pareto.BUDGETS["smoke"]
+TRAINED = {v.name for v in ponder_pareto.variants(SMOKE)}
+GATED = {kind + s.name for s in ponder_pareto.GATE_SETTINGS
+         for kind in ("recon", "oracle", "random")}
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +43,14 @@ def test_writes_results_and_pictures(run):
   out, result = run
   for name in ("pareto.png", "allocation.png", "curves.png"):
     assert (out / name).stat().st_size > 1000, name
-  names = {v.name for v in ponder_pareto.variants(SMOKE)}
-  assert set(result["variants"]) == names >= {"skip", "fixed1", "fixed2", "fixed4", "adaptive"}
+  assert set(result["variants"]) == TRAINED | GATED
+  assert TRAINED >= {"skip", "fixed1", "fixed2", "fixed4", "adaptive"}
   for name, r in result["variants"].items():
     assert math.isfinite(r["valid_ppl"]) and r["valid_ppl"] > 1.0, name
-    assert r["eval_s_per_token"] > 0 and r["steps_trained"] == SMOKE.total_steps["synthetic"]
-    assert (out / name / "curves.png").exists()
+    assert r["eval_s_per_token"] > 0
+    if name in TRAINED:
+      assert r["steps_trained"] == SMOKE.total_steps["synthetic"]
+      assert (out / name / "curves.png").exists()
     fit = r["inner_fit"]  # ttt.inner_loss_by_step, tested against a reference there.
     assert set(fit["relative_loss_by_block"]) == {"h_1"}  # The smoke model's TTT block.
     assert len(fit["relative_loss"]) == 5 and fit["relative_loss"][0] == 1.0
@@ -68,8 +73,12 @@ def test_adaptive_allocation_costs_and_correlations(run):
   assert 1.0 <= a["mean_steps"] <= 4.0
   assert sum(a["allocation"]["tokens"].values()) == a["scored_tokens"]
   assert a["allocation"]["tokens"]["0"] == 0  # Buckets are {1, 2, 4}.
-  assert v["fixed1"]["inner_flops_per_token"] <= a["inner_flops_per_token"]
-  assert a["inner_flops_per_token"] <= v["fixed4"]["inner_flops_per_token"]
+  assert v["fixed1"]["inner_flops_per_token"] <= a["update_flops_per_token"]
+  assert a["update_flops_per_token"] <= v["fixed4"]["inner_flops_per_token"]
+  # Its inner FLOPs count the entropy signal: the SKIP pass and the allocation.
+  assert a["inner_flops_per_token"] == pytest.approx(
+      a["update_flops_per_token"] + v["skip"]["total_flops_per_token"]
+      + a["allocation_flops_per_token"])
   # The first (SKIP) pass is paid on top of the second.
   assert a["total_flops_per_token"] > v["skip"]["total_flops_per_token"] + v[
       "fixed1"]["total_flops_per_token"]
@@ -79,14 +88,36 @@ def test_adaptive_allocation_costs_and_correlations(run):
     assert c["n"] > 0 and set(c) == {"spearman", "pearson", "n"}
   # The goal is benchmarks.goals' (tested on known inputs there) of what was measured.
   assert result["goal"] == goals.ponder_pareto(result["variants"])
-  assert set(result["goal"]["by_variant"]) == {"adaptive"}
+  assert set(result["goal"]["by_variant"]) == {"adaptive", "recon", "recon_update"}
+
+
+def test_gates_oracle_and_random_at_the_same_rate(run):
+  result = run[1]
+  v = result["variants"]
+  for setting in ponder_pareto.GATE_SETTINGS:
+    g = result["gate_recovery"]["recon" + setting.name]
+    rows = [v[kind + setting.name] for kind in ("recon", "oracle", "random")]
+    # Oracle and random allocate exactly the target fractions; the gate about them.
+    assert rows[1]["allocation"] == rows[2]["allocation"]
+    assert abs(g["realised_rate"] - g["target_rate"]) < 0.25
+    assert g["oracle_nll"] <= g["base_nll"] + 1e-6  # Ranked by realised gains.
+    assert g["recovery"] == ponder_pareto.oracle_recovery(g["base_nll"], g["gate_nll"],
+                                                          g["oracle_nll"])
+    # The gate pays for its signal; the oracle and random are charged nothing.
+    assert rows[0]["gate_flops_per_token"] > 0 == rows[1]["gate_flops_per_token"]
+    assert rows[0]["inner_flops_per_token"] == pytest.approx(
+        rows[0]["update_flops_per_token"] + rows[0]["gate_flops_per_token"])
+  # The entropy gate's own cost is a SKIP pass: more than the recon gate's signal.
+  assert v["adaptive"]["gate_flops_per_token"] > 10 * v["recon"]["gate_flops_per_token"]
+  assert result["fixed1_vs_skip"] == ponder_pareto.fixed1_vs_skip(v)
 
 
 def test_valid_perplexity_is_the_trainers(run):
   # The benchmark scores the final parameters on the validation stream: the trainer's
   # last evaluation (final_metrics.json holds the selected checkpoint's test stream).
   out, result = run
-  for name, r in result["variants"].items():
+  for name in TRAINED:
+    r = result["variants"][name]
     last = plog.read_metrics(str(out / name), "eval")[-1]
     assert math.isclose(r["valid_ppl"], last["perplexity"], rel_tol=1e-4), name
     final = json.loads((out / name / "final_metrics.json").read_text())

@@ -67,3 +67,38 @@ def test_unpredictable_tokens_are_uniform_and_break_the_rules():
 def test_unknown_task_is_a_clear_error():
   with pytest.raises(errors.ConfigError, match="valid: arith, copy, mixed"):
     synthetic.vocab_size("synthetic:nope")
+
+
+def test_recall_queries_read_their_values_far_back_in_the_store():
+  length, pairs = 257, 16
+  spec = dict(synthetic.TASKS["recall"])
+  spec.pop("sampler")
+  keys, values = spec["num_keys"], spec["num_values"]
+  batch = synthetic.train_batch("synthetic:recall", seed=0, step=1, batch_size=8,
+                                seq_len=length - 1)
+  again = synthetic.train_batch("synthetic:recall", seed=0, step=1, batch_size=8,
+                                seq_len=length - 1)
+  for name in batch:
+    np.testing.assert_array_equal(batch[name], again[name])
+  for tok, diff, kind, src in zip(batch["tokens"], batch["difficulty"], batch["kind"],
+                                  batch["source"]):
+    store, queries = tok[:2 * pairs], tok[-2 * pairs:]
+    assert len(set(store[::2])) == pairs and store[::2].max() < keys  # Distinct keys.
+    assert ((store[1::2] >= keys) & (store[1::2] < keys + values)).all()
+    assert (tok[2 * pairs:-2 * pairs] >= keys + values).all()  # Filler: its own range.
+    # Queries ask every stored key once; each answer is the value stored after it.
+    assert sorted(queries[::2]) == sorted(store[::2])
+    lookup = dict(zip(store[::2], store[1::2]))
+    assert [lookup[k] for k in queries[::2]] == list(queries[1::2])
+    answers = np.flatnonzero(kind == synthetic.RECALL)
+    np.testing.assert_array_equal(answers, length - 2 * pairs + 1 + 2 * np.arange(pairs))
+    np.testing.assert_array_equal(np.flatnonzero(diff == 0), answers)
+    assert (tok[src[answers]] == tok[answers]).all()
+    assert (tok[src[answers] - 1] == tok[answers - 1]).all()  # Same key before it.
+    assert (answers - src[answers]).min() > length - 4 * pairs  # Beyond any short window.
+    assert (src[kind != synthetic.RECALL] == -1).all()
+
+
+def test_recall_too_short_for_its_pairs_is_a_clear_error():
+  with pytest.raises(errors.ConfigError, match="lengthen the sequence"):
+    synthetic.train_batch("synthetic:recall", seed=0, step=0, batch_size=1, seq_len=63)
