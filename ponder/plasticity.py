@@ -23,16 +23,25 @@ generic over it.
 """
 
 import dataclasses
-from typing import NamedTuple, Optional
+import functools
+import os
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import traverse_util
 
+from ponder import checkpoint as ckpt_lib
 from ponder import errors
+from ponder import metric_log as plog
+from ponder import plateau
+from ponder.analysis import flops as flops_lib
+from ponder.analysis import heads as heads_lib
+from ponder.analysis import timing
 
 PHASES = ("warmup", "analysis", "prune", "finetune", "regrow", "evaluate")
 
@@ -134,6 +143,19 @@ def heads_after(mask, layout: HeadLayout) -> tuple:
   return tuple(int(np.count_nonzero(mask[i, :h])) for i, h in enumerate(layout.heads))
 
 
+def _kept_slices(mask, layout: HeadLayout):
+  """Per HeadSlice of the layout: (slice, heads its layer has, positions on its axis of
+  the heads `mask` keeps, every group, in order)."""
+  d = layout.head_dim
+  for i, layer_slices in enumerate(layout.slices):
+    h = layout.heads[i]
+    keep = np.flatnonzero(mask[i, :h])
+    for s in layer_slices:
+      index = ((np.arange(s.groups)[:, None, None] * h + keep[None, :, None]) * d
+               + np.arange(d)[None, None, :])
+      yield s, h, jnp.asarray(index.reshape(-1), jnp.int32)
+
+
 def prune_params(params, mask, layout: HeadLayout):
   """Removes the heads a 0/1 `mask` turns off from the parameters (structural pruning):
   each HeadSlice axis keeps only the kept heads' entries, in order. The result fits
@@ -144,15 +166,8 @@ def prune_params(params, mask, layout: HeadLayout):
     raise errors.PonderError("structural pruning needs a 0/1 head mask; a fractional gate "
                              "cannot be folded into removed heads.")
   flat = traverse_util.flatten_dict(params)
-  d = layout.head_dim
-  for i, layer_slices in enumerate(layout.slices):
-    h = layout.heads[i]
-    keep = np.flatnonzero(mask[i, :h])
-    for s in layer_slices:
-      value = _param(flat, s.path, layout, s, h)
-      index = ((np.arange(s.groups)[:, None, None] * h + keep[None, :, None]) * d
-               + np.arange(d)[None, None, :]).reshape(-1)
-      flat[s.path] = jnp.take(value, jnp.asarray(index, jnp.int32), axis=s.axis)
+  for s, h, index in _kept_slices(mask, layout):
+    flat[s.path] = jnp.take(_param(flat, s.path, layout, s, h), index, axis=s.axis)
   return traverse_util.unflatten_dict(flat)
 
 
@@ -203,9 +218,11 @@ def prune_heads(scores, mask, *, fraction: float = 0.1, count: Optional[int] = N
                     int(changed.sum()))
 
 
-def regrow_heads(importance, mask, *, max_count: Optional[int] = None) -> MaskChange:
-  """Revives masked heads whose |dL/dxi_h| at xi_h = 0 exceeds the smallest importance
-  among the active heads.
+def regrow_heads(importance, mask, *, max_count: Optional[int] = None,
+                 quantile: float = 0.0) -> MaskChange:
+  """Revives masked heads whose |dL/dxi_h| at xi_h = 0 exceeds the `quantile` of the
+  importance among the active heads (0: the smallest, the issue's rule; 0.5: the
+  median, which revives only heads that would rank in the upper half).
 
   Args:
     importance: [n_layer, n_head] gradient importance taken at gates = `mask` (so the
@@ -223,7 +240,9 @@ def regrow_heads(importance, mask, *, max_count: Optional[int] = None) -> MaskCh
   importance, mask = np.asarray(importance, np.float64), np.asarray(mask, np.float32)
   _check_shapes(importance, mask)
   active = mask != 0
-  threshold = importance[active].min() if active.any() else 0.0
+  if not 0.0 <= quantile <= 1.0:
+    raise errors.ConfigError(f"regrowth quantile={quantile} must lie in [0, 1].")
+  threshold = float(np.quantile(importance[active], quantile)) if active.any() else 0.0
   candidates = (~active) & (importance > threshold)
   if max_count is not None and candidates.sum() > max_count:
     flat = np.flatnonzero(candidates.ravel())
@@ -312,3 +331,382 @@ def record_evaluation(state: CycleState, metric) -> CycleState:
       metric=state.metric.at[c].set(jnp.asarray(metric, jnp.float32)),
       masks=state.masks.at[c].set(state.mask),
       active=state.active.at[c].set(jnp.sum(state.mask != 0).astype(jnp.int32)))
+
+
+def expand_params(pruned, fill, mask, layout: HeadLayout):
+  """The inverse of `prune_params`: a full-structure tree (laid out by `layout`, whose
+  layers have every head) whose kept heads (mask 1) hold `pruned`'s entries and whose
+  pruned heads hold `fill`'s (the full tree saved when they were pruned). Leaves outside
+  the layout come from `pruned`."""
+  _check_mask(mask, layout)
+  mask = np.asarray(jax.device_get(mask))
+  flat, flat_fill = traverse_util.flatten_dict(pruned), traverse_util.flatten_dict(fill)
+  for s, h, index in _kept_slices(mask, layout):
+    full = jnp.moveaxis(_param(flat_fill, s.path, layout, s, h), s.axis, 0)
+    full = full.at[index].set(jnp.moveaxis(flat[s.path], s.axis, 0))
+    flat[s.path] = jnp.moveaxis(full, 0, s.axis)
+  return traverse_util.unflatten_dict(flat)
+
+
+# --- The multi-cycle run as a train.main phase policy ------------------------------------
+#
+# `PlasticityPolicy` drives the cycle above from `train.main` (train/phases.py's
+# interface). Its state is JSON: the `CycleState` (as lists), the plateau detector's
+# state, the step the current phase began, the baseline's numbers and one record per
+# cycle, so a run killed mid-cycle resumes in the same phase with the same structure.
+#
+# The structure is the mask: `configure` sets `model.heads_per_layer` from it, so the
+# fine-tune trains the structurally pruned model (the pruned heads are absent from the
+# parameters: they cannot drift back, and the fine-tune costs less). Their weights at
+# pruning time are kept in <workdir>/plasticity/full/ (every head, full structure) for
+# the regrowth signal and for reviving them; the baseline's parameters at the end of
+# warm-up stay in <workdir>/plasticity/baseline/ for the side-by-side comparisons.
+
+
+def to_json(state) -> dict:
+  """A struct of arrays (CycleState, plateau.PlateauState) as JSON lists."""
+  return {k: np.asarray(v).tolist()
+          for k, v in flax.serialization.to_state_dict(state).items()}
+
+
+def from_json(template, data: dict):
+  """`to_json`'s inverse, into `template`'s structure and dtypes."""
+  return flax.serialization.from_state_dict(
+      template, {k: jnp.asarray(v, jnp.asarray(getattr(template, k)).dtype)
+                 for k, v in data.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """What the policy needs from a model family, for the full-structure model."""
+  model: Any  # Every head present.
+  layout: HeadLayout
+  prune: Callable  # (model, params, mask) -> (pruned model, pruned params).
+  apply: Callable  # head_analysis_apply(model): (params, batch, mask) -> (loss, probs).
+  causal: bool
+  mask_fn: Optional[Callable]  # batch -> [batch, seq] real positions (None: all).
+  inputs: Callable  # (batch, seq) -> the model's positional inputs, for cost and time.
+
+
+def family(cfg, vocab_size: Optional[int] = None) -> Family:
+  """The full-structure model of `cfg` (`model.heads_per_layer` ignored) and its
+  head functions: models/gpt2.py for language models, models/bert.py for SST-2.
+  `vocab_size` is the trained embedding's (None: the checkpoint's, else 1, for when
+  only the layer and head counts are needed).
+
+  The policy runs only under train.main, so it reaches for the model builders of
+  train/tasks.py and the model files on use; nothing at import time.
+  """
+  # pylint: disable=g-import-not-at-top
+  from models import bert, gpt2
+  from train import tasks
+  full = ml_collections.ConfigDict(cfg.to_dict())
+  full.model.heads_per_layer = None
+  vocab = vocab_size or 1
+  if full.model.name == "gpt2":
+    model = tasks.build_lm_model(full, vocab)
+    return Family(model, gpt2.head_layout(model.config), gpt2.prune_heads,
+                  gpt2.head_analysis_apply(model), True, None,
+                  lambda b, t: (jnp.zeros((b, t), jnp.int32),))
+  if full.model.name == "bert":
+    checkpoint = tasks.resolve_init_from(full.model.init_from)
+    if vocab_size is None and checkpoint:
+      vocab = bert.config_from_checkpoint(checkpoint).vocab_size
+    model = tasks.build_text_model(full.model, vocab, checkpoint)
+    return Family(model, bert.head_layout(model), bert.prune_heads,
+                  bert.head_analysis_apply(model), False,
+                  lambda batch: batch["attention_mask"],
+                  lambda b, t: (jnp.full((b, t), 5, jnp.int32), jnp.ones((b, t), jnp.int32),
+                                jnp.zeros((b, t), jnp.int32)))
+  raise errors.unknown_key("plasticity model", full.model.name, ("gpt2", "bert"))
+
+
+@functools.lru_cache(maxsize=16)
+def _forward(model):
+  """`model.apply`, jitted once per model, so every cycle's comparison reuses the
+  baseline's compiled program."""
+  return jax.jit(lambda p, *x: model.apply({"params": p}, *x))
+
+
+def cost(fam: Family, params, mask, *, batch: int, seq: int, runs: int = 5) -> dict:
+  """The full model (every head, the baseline's structure) and the model `mask` prunes
+  structurally, side by side: parameters, compiled FLOPs and the median CPU time of a
+  forward pass on [batch, seq] inputs, timed interleaved (`timing.measure_interleaved`)."""
+  small_model, small_params = fam.prune(fam.model, params, mask)
+  inputs = fam.inputs(batch, seq)
+  out, runners = {}, {}
+  for name, model, p in (("baseline", fam.model, params), ("pruned", small_model, small_params)):
+    compiled = _forward(model).lower(p, *inputs).compile()
+    out[name] = {"params": int(sum(x.size for x in jax.tree.leaves(p))),
+                 "flops": float(flops_lib.cost_of(compiled)["flops"])}
+    runners[name] = lambda compiled=compiled, p=p: compiled(p, *inputs)
+  times = timing.measure_interleaved(runners, warmup=1, runs=runs)
+  for name in out:
+    out[name]["time_s"] = times[name]["median_s"]
+  out["speedup"] = out["baseline"]["time_s"] / max(out["pruned"]["time_s"], 1e-12)
+  return out
+
+
+def _heads(changed) -> list:
+  return [[int(a), int(b)] for a, b in np.argwhere(np.asarray(changed))]
+
+
+class PlasticityPolicy:
+  """warm-up (until `ponder.plateau` calls the training loss flat, or its cap) ->
+  per cycle: analysis (entropy and gradient importance at the current mask) -> prune
+  (`prune_heads` on `policy.score`) -> fine-tune (`policy.finetune_steps` steps of the
+  structurally pruned model) -> regrow (`regrow_heads`) -> evaluate (validation metric,
+  parameters, FLOPs, time and, for language models, generations, each beside the
+  baseline's). After `policy.cycles` cycles training stops with the last evaluated
+  model. Every on_eval rewrites <workdir>/dashboard.html.
+
+  Transitions happen at evaluations (train.main calls on_eval every
+  trainer.eval_every steps), so finetune_steps and the warm-up's end are rounded up to
+  the next evaluation.
+  """
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    block = cfg.policy
+    self.block = block
+    self.plateau_cfg = plateau.PlateauConfig(
+        window=int(block.plateau_window), z=float(block.plateau_z),
+        rel_tol=float(block.plateau_rel_tol),
+        max_steps=max(1, int(block.warmup_max_steps) // int(cfg.trainer.log_every)))
+    if block.score not in heads_lib.METHODS:
+      raise errors.unknown_key("policy.score", block.score, heads_lib.METHODS)
+    if block.mode not in ("max", "min"):
+      raise errors.unknown_key("policy.mode", block.mode, ("max", "min"))
+    if block.regrow_init not in ("restore", "reinit"):
+      raise errors.unknown_key("policy.regrow_init", block.regrow_init, ("restore", "reinit"))
+    self._families = {}
+
+  # --- train/phases.py's interface -------------------------------------------------------
+
+  def init(self, cfg) -> dict:
+    fam = family(cfg)
+    cycle = init_cycle_state(fam.layout.n_layer, fam.layout.n_head,
+                             max_cycles=int(self.block.cycles))
+    return {"cycle": to_json(cycle), "plateau": to_json(plateau.init(self.plateau_cfg)),
+            "warmup_end": None, "phase_start": 0, "baseline": None, "analysis": None,
+            "cycles": [], "events": [{"step": 0, "phase": "warmup"}]}
+
+  def configure(self, cfg, state: dict):
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    mask = np.asarray(state["cycle"]["mask"])
+    cfg.model.heads_per_layer = None if mask.all() else [int(h) for h in mask.sum(1)]
+    return cfg
+
+  def on_log(self, state: dict, step: int, train_means: dict) -> dict:
+    if state["warmup_end"] is not None:
+      return state
+    detector = plateau.update(from_json(plateau.init(self.plateau_cfg), state["plateau"]),
+                              train_means["loss"], self.plateau_cfg)
+    state = dict(state, plateau=to_json(detector))
+    if detector.ended:
+      state["warmup_end"] = {"step": int(step), "reason": detector.reason_name,
+                             "slope": float(detector.slope), "slope_ucb":
+                             float(detector.slope_ucb)}
+    return state
+
+  def on_eval(self, ctx):
+    from train import phases  # pylint: disable=g-import-not-at-top
+    state = dict(ctx.state)
+    cycle = from_json(init_cycle_state(*np.shape(state["cycle"]["mask"]),
+                                       max_cycles=int(self.block.cycles)), state["cycle"])
+    change = None
+    if bool(cycle.done):
+      pass
+    elif cycle.phase_name == "warmup" and state["warmup_end"] is not None:
+      change = self._end_warmup(ctx, state, cycle, phases)
+    elif (cycle.phase_name == "finetune"
+          and ctx.step - state["phase_start"] >= int(self.block.finetune_steps)):
+      change = self._end_cycle(ctx, state, cycle, phases)
+    self._dashboard(ctx.workdir, change.state if change else state)
+    return change
+
+  # --- the phases ------------------------------------------------------------------------
+
+  def _family(self, cfg, params) -> Family:
+    vocab = int(embedding(params).shape[0])
+    key = (self.configure(cfg, {"cycle": {"mask": [[1]]}}).model.to_json_best_effort(), vocab)
+    if key not in self._families:  # One apply per model: its jitted passes compile once.
+      self._families[key] = family(cfg, vocab)
+    return self._families[key]
+
+  def _store(self, workdir: str, name: str):
+    return ckpt_lib.Checkpointer(os.path.join(workdir, "plasticity", name), keep=1)
+
+  def _save(self, workdir, name, step, params):
+    store = self._store(workdir, name)
+    store.save(step, params)
+    store.close()
+
+  def _load(self, ctx, name, full_cfg):
+    store = self._store(ctx.workdir, name)
+    params = store.restore(store.latest_step(), ctx.abstract_params(full_cfg))
+    store.close()
+    return params
+
+  def _stats(self, ctx, fam, full, mask):
+    batches = ctx.train_batches(ctx.cfg, ctx.step, int(self.block.score_batches))
+    return heads_lib.head_statistics(fam.apply, full, batches, head_mask=mask,
+                                     causal=fam.causal, query_mask_fn=fam.mask_fn,
+                                     key_mask_fn=fam.mask_fn)
+
+  def _end_warmup(self, ctx, state, cycle, phases):
+    """The warm-up's params are the baseline: kept, measured, then the first cycle."""
+    fam = self._family(ctx.cfg, ctx.params)
+    self._save(ctx.workdir, "baseline", ctx.step, ctx.params)
+    metric = float(ctx.val[self.block.metric])
+    state["baseline"] = {"step": ctx.step, "metric": metric, "val": _floats(ctx.val),
+                         "generations": self._generate(ctx.cfg, fam.model, ctx.params)}
+    state["events"] = state["events"] + [
+        {"step": ctx.step, "phase": "baseline", "metric": metric,
+         "ended_by": state["warmup_end"]["reason"]}]
+    return self._analyse_and_prune(ctx, state, next_phase(cycle), fam, ctx.params, phases)
+
+  def _analyse_and_prune(self, ctx, state, cycle, fam, full, phases):
+    """analysis -> prune -> finetune: scores at the current mask, the lowest pruned."""
+    stats = self._stats(ctx, fam, full, cycle.mask)
+    key = jax.random.fold_in(ctx.key, int(cycle.cycle))
+    scores = heads_lib.scores(stats, self.block.score, key=key)
+    cycle = next_phase(cycle)
+    change = prune_heads(scores, cycle.mask, fraction=float(self.block.prune_fraction),
+                         min_heads_per_layer=int(self.block.min_heads_per_layer))
+    cycle = next_phase(record_prune(cycle, change))
+    # Every head's weights as they are now: the pruned ones come back from here.
+    self._save(ctx.workdir, "full", ctx.step, full)
+    c = int(cycle.cycle)
+    state.update(
+        cycle=to_json(cycle), phase_start=ctx.step,
+        analysis={"cycle": c, "step": ctx.step, "pruned": _heads(change.changed),
+                  **{k: np.asarray(getattr(stats, k)).tolist() for k in
+                     ("entropy", "normalized_entropy", "importance")},
+                  "scores": np.asarray(scores).tolist(), "loss": float(stats.loss)},
+        events=state["events"] + [{"step": ctx.step, "phase": "prune", "cycle": c,
+                                   "count": change.count}])
+    _, small = fam.prune(fam.model, full, cycle.mask)
+    return phases.Change(state, params=small, phase=f"prune:{c}")
+
+  def _end_cycle(self, ctx, state, cycle, phases):
+    """regrow -> evaluate (and the next cycle's analysis and prune, or the end)."""
+    full_cfg = self.configure(ctx.cfg, {"cycle": {"mask": np.ones(cycle.mask.shape)}})
+    fam = self._family(ctx.cfg, ctx.params)
+    full = expand_params(ctx.params, self._load(ctx, "full", full_cfg), cycle.mask, fam.layout)
+    cycle = next_phase(cycle)  # regrow
+    stats = self._stats(ctx, fam, full, cycle.mask)
+    limit = int(self.block.regrow_max) or None
+    revived = regrow_heads(stats.importance, cycle.mask,
+                           max_count=limit if self.block.regrow else 0,
+                           quantile=float(self.block.regrow_quantile))
+    if revived.count and self.block.regrow_init == "reinit":
+      fresh = fam.model.init(jax.random.fold_in(ctx.key, 1000 + int(cycle.cycle)),
+                             *fam.inputs(1, 8))["params"]
+      back = jnp.asarray(revived.changed, jnp.float32)
+      full = jax.tree.map(jnp.add, mask_head_slices(full, 1.0 - back, fam.layout),
+                          mask_head_slices(fresh, back, fam.layout))
+    cycle = next_phase(record_regrow(cycle, revived))  # evaluate
+    new_cfg = self.configure(ctx.cfg, dict(state, cycle=to_json(cycle)))
+    small_model, small = fam.prune(fam.model, full, cycle.mask)
+    val = _floats(ctx.evaluate(small, new_cfg))
+    metric = float(val[self.block.metric])
+    cycle = record_evaluation(cycle, metric)
+    c = int(cycle.cycle)
+    baseline = self._load(ctx, "baseline", full_cfg)
+    record = {
+        "cycle": c, "step": ctx.step, "pruned": state["analysis"]["pruned"],
+        "revived": _heads(revived.changed), "mask": np.asarray(cycle.mask).tolist(),
+        "active": int(np.count_nonzero(cycle.mask)), "metric": metric, "val": val,
+        "baseline_metric": state["baseline"]["metric"],
+        "analysis": state["analysis"], "regrowth_signal": np.asarray(
+            stats.importance).tolist(),
+        "cost": cost(fam, baseline, cycle.mask, batch=int(self.block.time_batch),
+                     seq=int(self.block.time_seq)),
+        "generations": self._generate(new_cfg, small_model, small)}
+    state["cycles"] = state["cycles"] + [record]
+    self._scalars(ctx.workdir, record)
+    state["events"] = state["events"] + [
+        {"step": ctx.step, "phase": "regrow", "cycle": c, "count": revived.count},
+        {"step": ctx.step, "phase": "evaluate", "cycle": c, "metric": metric}]
+    cycle = next_phase(cycle)
+    if bool(cycle.done):
+      self._save(ctx.workdir, "full", ctx.step, full)
+      state.update(cycle=to_json(cycle), phase_start=ctx.step)
+      state["events"] = state["events"] + [{"step": ctx.step, "phase": "done"}]
+      return phases.Change(state, params=small, stop=True, phase="done")
+    return self._analyse_and_prune(ctx, state, cycle, fam, full, phases)
+
+  def _generate(self, cfg, model, params) -> list:
+    """Continuations of policy.prompts by `model` (language models; [] otherwise), with
+    the same seed for the baseline and every pruned model."""
+    prompts = list(self.block.prompts)
+    if cfg.model.name != "gpt2" or not prompts:
+      return []
+    # pylint: disable=g-import-not-at-top
+    from models import gpt2
+    from train import tasks
+    tok = tasks.build_tokenizer(cfg.data)
+    out = []
+    for i, prompt in enumerate(prompts):
+      ids = jnp.asarray([tok.encode(prompt)], jnp.int32)
+      tokens = gpt2.generate(model, params, ids, key=jax.random.key(i),
+                             max_new_tokens=int(self.block.generate_tokens),
+                             temperature=float(self.block.temperature),
+                             top_k=min(int(self.block.top_k), model.config.vocab_size))
+      out.append({"prompt": prompt, "seed": i,
+                  "text": tok.decode([int(t) for t in tokens[0, ids.shape[1]:]])})
+    return out
+
+  def finish(self, state: dict, workdir: str) -> None:
+    """The final dashboard and <workdir>/plasticity/cycles.md, the per-cycle table."""
+    self._dashboard(workdir, state)
+    os.makedirs(os.path.join(workdir, "plasticity"), exist_ok=True)  # A run cut short.
+    with open(os.path.join(workdir, "plasticity", "cycles.md"), "w") as f:
+      f.write(cycle_table(state, self.block.metric) + "\n")
+
+  def _scalars(self, workdir: str, record: dict) -> None:
+    """The cycle's numbers as TensorBoard scalars (and JSONL) under plasticity/."""
+    cost_ = record["cost"]
+    writer = plog.MetricWriter(os.path.join(workdir, "plasticity"))
+    writer.write(record["step"], {
+        "metric": record["metric"], "baseline_metric": record["baseline_metric"],
+        "active_heads": record["active"], "pruned": len(record["pruned"]),
+        "revived": len(record["revived"]), "speedup": cost_["speedup"],
+        **{f"{side}_{k}": cost_[side][k] for side in ("baseline", "pruned")
+           for k in ("params", "flops", "time_s")}}, split="cycle")
+    writer.close()
+
+  def _dashboard(self, workdir, state):
+    from ponder.analysis import dashboard  # pylint: disable=g-import-not-at-top
+    dashboard.write(workdir, state)
+
+
+def embedding(params):
+  """The token embedding table (GPT-2's wte, BERT's word_embeddings)."""
+  flat = traverse_util.flatten_dict(params)
+  for path, value in flat.items():
+    if path[-2:] in (("wte", "embedding"), ("word_embeddings", "embedding")):
+      return value
+  raise errors.ShapeError("no token embedding (wte or word_embeddings) in the params.")
+
+
+def _floats(metrics: dict) -> dict:
+  return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+
+
+def cycle_table(state: dict, metric: str) -> str:
+  """Markdown: per cycle the heads pruned and revived, the metric against the
+  baseline's, parameters, compiled FLOPs and CPU time of the structurally pruned model
+  against the baseline's (measured side by side)."""
+  lines = [f"| cycle | step | pruned | revived | active | {metric} | baseline | params "
+           "| FLOPs | time (s) | baseline time (s) | speed-up |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for c in state["cycles"]:
+    b, p = c["cost"]["baseline"], c["cost"]["pruned"]
+    lines.append(
+        f"| {c['cycle']} | {c['step']} | {len(c['pruned'])} | {len(c['revived'])} | "
+        f"{c['active']} | {c['metric']:.4g} | {c['baseline_metric']:.4g} | "
+        f"{p['params']:,} / {b['params']:,} | {p['flops']:.3g} / {b['flops']:.3g} | "
+        f"{p['time_s']:.4g} | {b['time_s']:.4g} | {c['cost']['speedup']:.3f}x |")
+  return "\n".join(lines)

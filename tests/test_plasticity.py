@@ -1,5 +1,8 @@
 """Pruning and regrowth decisions, the cycle state, and holding pruned heads still."""
 
+import json
+
+import chex
 import flax
 import jax
 import jax.numpy as jnp
@@ -114,3 +117,50 @@ def test_hold_pruned_heads_keeps_their_parameters():
   # The kept heads and the rest of the model still train.
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), held, base)
   assert min(jax.tree.leaves(moved)) > 0.0
+
+
+def test_regrowth_quantile_raises_the_bar():
+  importance = np.array([[0.6, 0.3, 0.5, 0.1], [0.2, 0.9, 0.25, 0.4]])
+  mask = np.array([[1, 1, 0, 0], [1, 1, 0, 0]], np.float32)  # Active: 0.6 0.3 0.2 0.9.
+  median = float(np.median([0.6, 0.3, 0.2, 0.9]))  # 0.45: only 0.5 (head [0, 2]) passes.
+  change = plasticity.regrow_heads(importance, mask, quantile=0.5)
+  np.testing.assert_array_equal(np.argwhere(change.changed),
+                                np.argwhere((importance > median) & (mask == 0)))
+  assert change.count == 1
+  with pytest.raises(errors.ConfigError):
+    plasticity.regrow_heads(importance, mask, quantile=1.5)
+
+
+def test_expand_params_inverts_prune_params():
+  """Kept heads come from the pruned tree, pruned heads from the fill, the rest from
+  the pruned tree: prune(expand(prune(p), fill)) == prune(p), and the pruned heads'
+  slices of expand(...) equal the fill's."""
+  model = gpt2.GPT2(gpt2.GPT2Config(**TINY))
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  fill = jax.tree.map(lambda x: x + 1.0, params)
+  layout = gpt2.head_layout(model.config)
+  mask = jnp.asarray([[1, 0, 1, 1], [0, 0, 1, 0]], jnp.float32)
+  small = plasticity.prune_params(params, mask, layout)
+  full = plasticity.expand_params(small, fill, mask, layout)
+  chex.assert_trees_all_equal(plasticity.prune_params(full, mask, layout), small)
+  chex.assert_trees_all_equal(plasticity.mask_head_slices(full, mask, layout),
+                              plasticity.mask_head_slices(params, mask, layout))
+  pruned_part = lambda tree: traverse_util.flatten_dict(  # noqa: E731
+      plasticity.mask_head_slices(tree, 1.0 - mask, layout))
+  for path in [s.path for layer in layout.slices for s in layer]:
+    chex.assert_trees_all_equal(pruned_part(full)[path], pruned_part(fill)[path])
+
+
+def test_cycle_and_plateau_states_round_trip_through_json():
+  from ponder import plateau
+  state = plasticity.record_prune(plasticity.init_cycle_state(2, 4, max_cycles=3),
+                                  plasticity.prune_heads(np.arange(8.0).reshape(2, 4),
+                                                         np.ones((2, 4)), count=2))
+  data = json.loads(json.dumps(plasticity.to_json(state)))
+  back = plasticity.from_json(plasticity.init_cycle_state(2, 4, max_cycles=3), data)
+  jax.tree.map(np.testing.assert_array_equal, back, state)
+  cfg = plateau.PlateauConfig(window=5)
+  detector = plateau.run(np.linspace(3, 2, 7), cfg)
+  back = plasticity.from_json(plateau.init(cfg), json.loads(json.dumps(
+      plasticity.to_json(detector))))
+  jax.tree.map(np.testing.assert_array_equal, back, detector)

@@ -156,6 +156,15 @@ def head_statistics(apply: Apply, params, batches: Iterable, *, head_mask=None,
                    mask=head_mask, loss=loss / count, batches=count)
 
 
+def mean_loss(losses, weights=None):
+  """The mean of per-example (or per-token) `losses`, weighted by a batch's "mask" when
+  it has one (evaluation batches pad with weight-0 rows), for `Apply` functions."""
+  if weights is None:
+    return losses.mean()
+  weights = jnp.asarray(weights, jnp.float32)
+  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 def _percentile_rank(values, active):
   """Rank among active heads scaled to [0, 1] (lowest 0); masked heads 0."""
   flat = jnp.where(active, values, jnp.inf).ravel()
