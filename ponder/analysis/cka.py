@@ -102,7 +102,16 @@ def linear_cka(x, y, *, debiased: bool = False, mask=None):
     return cka_from_grams(gram_linear(x), gram_linear(y), debiased=True)
   x, y = center(x, mask), center(y, mask)
   xy = jnp.sum(jnp.square(y.T @ x))
-  return xy / jnp.sqrt(jnp.sum(jnp.square(x.T @ x)) * jnp.sum(jnp.square(y.T @ y)))
+  return _safe_ratio(xy, jnp.sum(jnp.square(x.T @ x)) * jnp.sum(jnp.square(y.T @ y)))
+
+
+def _safe_ratio(num, den_squared):
+  """num / sqrt(den_squared), and 0 (with zero gradients, not NaN) where den_squared = 0:
+  CKA with a constant representation (e.g. a residual update of a block whose output
+  projection is still zero-initialised, as in RWKV-4) is taken as no alignment, so
+  a training loss 1 - CKA stays finite."""
+  ok = den_squared > 0
+  return jnp.where(ok, num / jnp.sqrt(jnp.where(ok, den_squared, 1.0)), 0.0)
 
 
 # --- Minibatch CKA -----------------------------------------------------------------------

@@ -118,3 +118,14 @@ def test_shape_errors():
     cka.linear_cka(jnp.ones((5, 3)), jnp.ones((6, 3)))
   with pytest.raises(errors.ShapeError):
     cka.hsic_unbiased(jnp.ones((3, 3)), jnp.ones((3, 3)))
+
+
+def test_cka_with_a_constant_representation_is_zero_with_finite_gradients():
+  # A residual update of a block whose output projection is still zero-initialised
+  # (RWKV-4) is constant: CKA is 0 there and 1 - CKA trains without NaNs.
+  x = jax.random.normal(jax.random.key(0), (12, 5))
+  zeros = jnp.zeros((12, 3))
+  assert float(cka.linear_cka(x, zeros)) == 0.0
+  grad = jax.grad(lambda z: cka.linear_cka(x, z))(zeros)
+  assert bool(jnp.all(jnp.isfinite(grad)))
+  chex.assert_trees_all_close(cka.linear_cka(x, x + 1.0), 1.0, atol=1e-5)
