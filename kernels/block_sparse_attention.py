@@ -664,9 +664,11 @@ def _dense_attention(q, k, v, mask, kv_valid, *, scale, causal, block_sizes):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("causal", "block_sizes", "scale", "max_active_blocks"))
+    jax.jit,
+    static_argnames=("causal", "block_sizes", "scale", "max_active_blocks", "fallback"))
 def block_sparse_attention_xla(q, k, v, block_mask, *, causal=False, kv_padding=None,
-                               block_sizes=None, scale=None, max_active_blocks=None):
+                               block_sizes=None, scale=None, max_active_blocks=None,
+                               fallback=True):
   """Block-sparse attention in plain XLA whose cost falls with density (for CPU).
 
   Each query block gathers its active key/value blocks into a dense
@@ -676,6 +678,12 @@ def block_sparse_attention_xla(q, k, v, block_mask, *, causal=False, kv_padding=
   back to dense masked attention (same result, dense cost) via `lax.cond`, so the
   result is always exact. `None` means no bound: the dense computation, always.
   Under `vmap` the cond becomes a select and both branches run.
+
+  `fallback=False` drops the cond, for callers whose masks never exceed the bound
+  (e.g. masks capped per row, as `ponder.nn.perforation` makes them): the program is the
+  gathered one alone, so XLA's compiled cost analysis (which counts a cond's dearer
+  branch) shows the sparse FLOPs. A row above the bound then keeps only its first
+  `max_active_blocks` active tiles.
 
   Arguments and result are those of `block_sparse_attention`.
   """
@@ -688,10 +696,12 @@ def block_sparse_attention_xla(q, k, v, block_mask, *, causal=False, kv_padding=
   nk = mask.shape[3]
   dense = functools.partial(_dense_attention, **settings)
   if max_active_blocks is None or max_active_blocks >= nk:
-    o = dense(*operands)
+    return dense(*operands)[:, :, :q.shape[2]]
+  sparse = functools.partial(_gathered_attention, max_active=max(1, max_active_blocks),
+                             **settings)
+  if not fallback:
+    o = sparse(*operands)
   else:
-    sparse = functools.partial(_gathered_attention, max_active=max(1, max_active_blocks),
-                               **settings)
     # Under autodiff a cond keeps the residuals of both branches (zeros for the one
     # not taken); rematerialising the fallback keeps its quadratic ones out.
     o = lax.cond(jnp.max(jnp.sum(mask, axis=-1)) <= max_active_blocks, sparse,

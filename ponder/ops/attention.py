@@ -25,7 +25,8 @@ def lowering_platform() -> str:
 
 
 def attention(q, k, v, block_mask=None, *, causal=False, kv_padding=None,
-              block_sizes=None, scale=None, max_active_blocks=None, impl="auto"):
+              block_sizes=None, scale=None, max_active_blocks=None, fallback=True,
+              impl="auto"):
   """Softmax attention restricted to the active tiles of `block_mask`.
 
   Args:
@@ -40,6 +41,8 @@ def attention(q, k, v, block_mask=None, *, causal=False, kv_padding=None,
     max_active_blocks: static bound on active tiles per query-block row for the XLA
       path (its cost is proportional to it; a row above it falls back to dense
       cost, still exact). Ignored by the kernel, which reads the counts at run time.
+    fallback: XLA path only; False promises no row exceeds max_active_blocks and
+      drops the dense fallback (see `block_sparse_attention_xla`).
     impl: "auto" (kernel on GPU/TPU, XLA on CPU), "pallas" (interpreted on CPU) or
       "xla".
 
@@ -69,4 +72,5 @@ def attention(q, k, v, block_mask=None, *, causal=False, kv_padding=None,
     return bsa.block_sparse_attention(q, k, v, block_mask, interpret=interpret,
                                       **kwargs)
   return bsa.block_sparse_attention_xla(q, k, v, block_mask,
-                                        max_active_blocks=max_active_blocks, **kwargs)
+                                        max_active_blocks=max_active_blocks,
+                                        fallback=fallback, **kwargs)

@@ -213,3 +213,18 @@ def test_lowers_for_accelerators(platform, custom_call):
   finally:
     jax.config.update("jax_pallas_use_mosaic_gpu", previous)
   assert text.count(custom_call) == 3  # forward, dq, dk/dv
+
+
+def test_xla_path_without_fallback_is_exact_for_masks_within_the_bound():
+  q, k, v, kv_padding, _ = make_inputs(jax.random.key(5), batch=2, heads=2, seq_q=96,
+                                       seq_k=96, head_dim=16, dtype=jnp.float32,
+                                       padding=True)
+  sizes = BlockSizes(16, 16)
+  # Exactly 2 active tiles per row: the diagonal and one random other.
+  other = jax.random.randint(jax.random.key(6), (2, 2, 6), 0, 6)
+  mask = jnp.eye(6, dtype=bool) | (jnp.arange(6) == other[..., None])
+  got = block_sparse_attention_xla(q, k, v, mask, kv_padding=kv_padding, block_sizes=sizes,
+                                   max_active_blocks=2, fallback=False)
+  want = block_sparse_attention_reference(q, k, v, mask, kv_padding=kv_padding,
+                                          block_sizes=sizes)
+  chex.assert_trees_all_close(got, want, atol=2e-5)

@@ -1,0 +1,346 @@
+"""Learned attention perforation (issue 20): quality against density, learned against the
+fixed baselines, and what the block mask saves in compiled FLOPs and CPU time.
+
+  python -m benchmarks.perforation --out=DIR [--budget=short|full]
+      [--wikitext=../shared/data/wikitext-2-valsplit] [--sst2=../shared/data/sst-2]
+
+Writes DIR/perforation.json, DIR/sparsity_sweep.png and DIR/masks.png; the training
+runs live in DIR/runs/<name> (train.main workdirs), so a rerun resumes an interrupted
+run and reuses finished ones (their final_metrics.json).
+
+1. Speed (no training: the cost depends only on the row budget, which the learned mask
+   and every baseline share at a given target). MiniLM-L6 sizes (6 x 384, 12 heads),
+   batch 1, at sequence 512 (block 64, an 8 x 8 mask) and 2048 (block 128, 16 x 16; the
+   position table is widened with random rows, so this is a timing model only). For
+   dense and each target sparsity: compiled FLOPs and forward time of one attention
+   (`ponder.ops.attention`, impl "auto" = the gathered XLA path on CPU) against
+   `jax.nn.dot_product_attention`, and of the whole perforated encoder against the
+   dense one (learned scorer included), all timed in round robin in one process.
+2. Quality: masked LM on WikiText-2 at sequence 512 (configs/perforation.py presets):
+   dense MiniLM + a new tied MLM head (the reference), the learned perforation at each
+   target, and the baselines (random, band + global, BigBird-like, static per-head) at
+   the budget's targets; the same steps and batches for all. Then SST-2 dev accuracy of
+   MiniLM fine-tuned dense and perforated (learned, 0.5).
+3. masks.png: the learned 0.5 run's hard masks of a few heads on real validation windows.
+
+Budgets: short (minutes per run on 2 loaded cores; the numbers say little about quality)
+and full (about 4 hours on 2 idle cores, from the step FLOPs).
+"""
+
+import functools
+import json
+import os
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from configs import dendritic_bert
+from configs import perforation as perforation_configs
+from models import bert
+from ponder import ops
+from ponder.analysis import flops
+from ponder.analysis import timing
+from ponder.nn import perforation as P
+from train import trainer
+
+FLAGS = flags.FLAGS
+
+SPARSITIES = (0.1, 0.3, 0.5, 0.7, 0.9)
+BASELINES = ("static", "random", "band_global", "bigbird")
+# (steps, batch, validation windows, baseline targets, SST-2 steps, speed runs)
+BUDGETS = {
+    "smoke": dict(mlm_steps=2, mlm_batch=2, eval_windows=1, baseline_sparsities=(0.5,),
+                  sst2_steps=2, sst2_batch=8, sst2_valid_fraction=0.05, runs=1,
+                  speed_seqs={64: 16, 128: 32}, preset="tiny", smoke=True),
+    "short": dict(mlm_steps=4, mlm_batch=2, eval_windows=4, baseline_sparsities=(0.5,),
+                  sst2_steps=8, sst2_batch=8, sst2_valid_fraction=0.01, runs=2,
+                  speed_seqs={512: 64, 2048: 128}, preset="minilm_l6", smoke=False),
+    "full": dict(mlm_steps=150, mlm_batch=8, eval_windows=48,
+                 baseline_sparsities=(0.3, 0.5, 0.7), sst2_steps=1100, sst2_batch=32,
+                 sst2_valid_fraction=0.05, runs=5, speed_seqs={512: 64, 2048: 128},
+                 preset="minilm_l6", smoke=False),
+}
+
+
+# --- 1. Speed and FLOPs ------------------------------------------------------------------
+
+
+def minilm_config(seq: int, spec=None, preset: str = "minilm_l6"):
+  return bert.config(preset, max_position_embeddings=max(512, seq), perforation=spec)
+
+
+def speed_records(budget: dict, impl: str) -> list:
+  """Attention-only and whole-encoder forward, dense and at every target, per sequence
+  (budget["speed_seqs"]: sequence -> block)."""
+  records, runs, preset = [], budget["runs"], budget["preset"]
+  for seq, block in budget["speed_seqs"].items():
+    ids = jax.random.randint(jax.random.key(seq), (1, seq), 1000, 30000)
+    mask = jnp.ones((1, seq), jnp.int32)
+    cfg = minilm_config(seq, preset=preset)
+    heads, head_dim = cfg.num_attention_heads, cfg.head_dim
+    q, k, v = [jax.random.normal(key, (1, heads, seq, head_dim))
+               for key in jax.random.split(jax.random.key(1), 3)]
+    bshd = lambda x: x.swapaxes(1, 2)  # noqa: E731
+    dense_attention = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v))
+    dense_model = bert.Bert(cfg)
+    params = dense_model.init(jax.random.key(0), ids[:, :8], mask[:, :8])
+    dense_forward = jax.jit(lambda p, i, m: dense_model.apply(p, i, m).last_hidden_state)
+    cases = {"dense": (functools.partial(dense_attention, *map(bshd, (q, k, v))),
+                       functools.partial(dense_forward, params, ids, mask))}
+    fl = {"dense": (flops.compiled_flops(dense_attention, *map(bshd, (q, k, v))),
+                    flops.compiled_flops(dense_forward, params, ids, mask))}
+    nb = -(-seq // block)
+    budgets = {}
+    for s in SPARSITIES:
+      spec = P.PerforationSpec(block=block, target_sparsity=s)
+      budget = spec.row_budget(nb)
+      budgets[s] = budget
+      block_mask = jnp.asarray(P.fixed_pattern(
+          P.PerforationSpec(mode="random", block=block, target_sparsity=s), nb, heads, 0))
+      block_mask = jnp.broadcast_to(block_mask[None], (1, heads, nb, nb))
+      attn = jax.jit(lambda q, k, v, m, a=budget, b=block: ops.attention(
+          q, k, v, m, block_sizes=ops.AttentionBlockSizes(b, b), max_active_blocks=a,
+          fallback=False, impl=impl))
+      model = bert.Bert(minilm_config(seq, spec, preset))
+      p_params = bert.load_into(model.init(jax.random.key(0), ids[:, :8], mask[:, :8]),
+                                params)
+      ctrl = P.control(0, spec, impl=impl)
+      forward = jax.jit(lambda p, i, m, model=model, ctrl=ctrl: model.apply(
+          p, i, m, perforation=ctrl).last_hidden_state)
+      cases[s] = (functools.partial(attn, q, k, v, block_mask),
+                  functools.partial(forward, p_params, ids, mask))
+      fl[s] = (flops.compiled_flops(attn, q, k, v, block_mask),
+               flops.compiled_flops(forward, p_params, ids, mask))
+    for part, index in (("attention", 0), ("model", 1)):
+      times = timing.measure_interleaved({n: c[index] for n, c in cases.items()},
+                                         warmup=1, runs=runs)
+      dense_ms = 1e3 * times["dense"]["median_s"]
+      for name in cases:
+        ms = 1e3 * times[name]["median_s"]
+        record = dict(part=part, seq=seq, block=block, target_sparsity=(
+            0.0 if name == "dense" else name), row_budget=nb if name == "dense" else
+            budgets[name], blocks_per_row=nb, ms=ms, dense_ms=dense_ms,
+            speedup=dense_ms / ms, gflops=fl[name][index] / 1e9,
+            dense_gflops=fl["dense"][index] / 1e9,
+            flops_ratio=fl[name][index] / fl["dense"][index])
+        records.append(record)
+        print(f"{part:9s} seq {seq:4d} sparsity {record['target_sparsity']:.1f} "
+              f"({record['row_budget']:2d}/{nb} tiles per row): {ms:9.1f} ms vs dense "
+              f"{dense_ms:9.1f} ms  x{record['speedup']:.2f}; FLOPs x"
+              f"{record['flops_ratio']:.3f}", flush=True)
+  return records
+
+
+# --- 2. Quality --------------------------------------------------------------------------
+
+
+def mlm_config(preset: str, sparsity: float, budget: dict, wikitext: str):
+  smoke = ",smoke" if budget["smoke"] else ""
+  cfg = perforation_configs.get_config(f"{preset},sparsity={sparsity},"
+                                       f"steps={budget['mlm_steps']}{smoke}")
+  if not smoke:
+    cfg.data.source = f"local:{os.path.abspath(wikitext)}"
+  cfg.data.eval_windows = budget["eval_windows"]
+  cfg.trainer.batch_size = budget["mlm_batch"]
+  cfg.optim.warmup_steps = max(1, budget["mlm_steps"] // 10)
+  # Evaluate once, at the end (the selected checkpoint is the last one).
+  cfg.trainer.update(eval_every=budget["mlm_steps"], ckpt_every=max(budget["mlm_steps"] // 2, 1))
+  return cfg
+
+
+def sst2_config(perforated: bool, budget: dict, sst2: str):
+  steps, batch = budget["sst2_steps"], budget["sst2_batch"]
+  smoke = ",smoke" if budget["smoke"] else ""
+  if perforated:
+    cfg = perforation_configs.get_config(f"sst2_perforated,sparsity=0.5,block=16,"
+                                         f"steps={steps}{smoke}")
+  else:
+    cfg = dendritic_bert.get_config(f"minilm,steps={steps}{smoke}")
+  if not smoke:
+    cfg.data.source = f"local:{os.path.abspath(sst2)}"
+  cfg.trainer.batch_size = batch
+  cfg.optim.warmup_steps = max(1, steps // 16)
+  cfg.data.valid_fraction = budget["sst2_valid_fraction"]
+  cfg.trainer.update(eval_every=steps, ckpt_every=max(steps // 2, 1))
+  return cfg
+
+
+def run_once(cfg, workdir: str) -> dict:
+  """The run's final metrics: read when it finished before, else trained (resumed)."""
+  path = os.path.join(workdir, "final_metrics.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  common.train(cfg, workdir, echo=lambda s: print(f"[{os.path.basename(workdir)}] {s}",
+                                                   flush=True))
+  with open(path) as f:
+    return json.load(f)
+
+
+def quality_records(out: str, budget: dict, save) -> list:
+  """Trains (or reads) every run; `save(records)` after each, so a stopped benchmark
+  leaves what it measured. The order puts the comparison at 0.5 first: dense, learned
+  and every baseline there, then the rest of the sweep, then SST-2."""
+  first = [("mlm_dense", "mlm_dense", 0.0), ("mlm_perforated_50", "mlm_perforated", 0.5)]
+  first += [(f"mlm_{mode}_50", f"mlm_{mode}", 0.5) for mode in BASELINES
+            if 0.5 in budget["baseline_sparsities"]]
+  rest = [(f"mlm_perforated_{int(s * 100)}", "mlm_perforated", s) for s in SPARSITIES
+          if s != 0.5]
+  rest += [(f"mlm_{mode}_{int(s * 100)}", f"mlm_{mode}", s) for mode in BASELINES
+           for s in budget["baseline_sparsities"] if s != 0.5]
+  records = []
+  for name, preset, s in first + rest:
+    cfg = mlm_config(preset, s if s else 0.5, budget, FLAGS.wikitext)
+    final = run_once(cfg, os.path.join(out, "runs", name))
+    records.append(dict(run=name, task="mlm", mode=cfg.perforation.mode,
+                        target_sparsity=s, achieved_sparsity=final.get("sparsity", 0.0),
+                        mlm_loss=final["mlm_loss"], accuracy=final["accuracy"],
+                        steps=cfg.trainer.total_steps, batch=cfg.trainer.batch_size,
+                        seq=cfg.data.seq_len))
+    print(json.dumps(records[-1]), flush=True)
+    save(records)
+  for perforated in (False, True):
+    name = "sst2_perforated_50" if perforated else "sst2_dense"
+    cfg = sst2_config(perforated, budget, FLAGS.sst2)
+    final = run_once(cfg, os.path.join(out, "runs", name))
+    records.append(dict(run=name, task="sst2", mode="learned" if perforated else "none",
+                        target_sparsity=0.5 if perforated else 0.0,
+                        dev_accuracy=final["accuracy"], steps=cfg.trainer.total_steps,
+                        batch=cfg.trainer.batch_size))
+    print(json.dumps(records[-1]), flush=True)
+    save(records)
+  return records
+
+
+def goals(speed: list, quality: list) -> dict:
+  mlm = {r["run"]: r for r in quality if r["task"] == "mlm"}
+  dense = mlm["mlm_dense"]["mlm_loss"]
+  learned = mlm.get("mlm_perforated_50", {}).get("mlm_loss")
+  fixed = {n: r["mlm_loss"] for n, r in mlm.items()
+           if r["target_sparsity"] == 0.5 and r["mode"] in ("random", "band_global",
+                                                            "bigbird")}
+  model_2048 = [r for r in speed if r["part"] == "model" and r["seq"] == 2048
+                and r["target_sparsity"] == 0.5]
+  sst = {r["run"]: r["dev_accuracy"] for r in quality if r["task"] == "sst2"}
+  return {
+      "mlm_50_within_2pct_of_dense": learned is not None and learned <= 1.02 * dense,
+      "mlm_50_loss_ratio_to_dense": None if learned is None else learned / dense,
+      "mlm_50_beats_every_fixed_pattern": learned is not None and all(
+          learned < v for v in fixed.values()),
+      "model_2048_speedup_at_50": model_2048[0]["speedup"] if model_2048 else None,
+      "model_2048_at_least_1.4x": bool(model_2048) and model_2048[0]["speedup"] >= 1.4,
+      "sst2_points_below_dense": 100 * (sst["sst2_dense"] - sst["sst2_perforated_50"]),
+      "sst2_within_0.5_points": sst["sst2_dense"] - sst["sst2_perforated_50"] <= 0.005,
+  }
+
+
+# --- 3. Plots ----------------------------------------------------------------------------
+
+
+def sweep_plot(quality: list, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  mlm = [r for r in quality if r["task"] == "mlm"]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  dense = next(r for r in mlm if r["mode"] == "none")
+  ax.axhline(dense["mlm_loss"], color="k", ls="--", label="dense MiniLM")
+  for mode, marker in (("learned", "o-"), ("static", "s"), ("random", "x"),
+                       ("band_global", "^"), ("bigbird", "v")):
+    pts = sorted((1 - r["achieved_sparsity"], r["mlm_loss"]) for r in mlm
+                 if r["mode"] == mode)
+    if pts:
+      ax.plot(*zip(*pts), marker, label=mode)
+  ax.set_xlabel("density (1 - achieved block sparsity)")
+  ax.set_ylabel("validation MLM loss (masked positions)")
+  ax.set_title("WikiText-2, sequence 512, block 64")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def masks_plot(workdir: str, path: str) -> dict:
+  """Hard masks of the first, middle and last layer, heads 0-3, on two validation
+  windows."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  _, task, params, _, _ = trainer.restore_run(workdir, selected=True)
+  b = next(iter(task.eval_batches()))
+  _, sown = task.model.apply({"params": params}, b["input_ids"][:2], b["attention_mask"][:2],
+                             b["token_type_ids"][:2], positions=b["positions"][:2],
+                             mutable=["intermediates"])
+  hard = np.asarray(P.collect(sown["intermediates"], "perforation_hard"))
+  n_layers, n_heads = hard.shape[0], hard.shape[2]
+  layers, heads = sorted({0, n_layers // 2, n_layers - 1}), range(min(4, n_heads))
+  fig, axes = plt.subplots(2 * len(layers), len(heads), figsize=(7, 10), squeeze=False)
+  for w in range(2):
+    for li, layer in enumerate(layers):
+      for hi, head in enumerate(heads):
+        ax = axes[w * len(layers) + li, hi]
+        ax.imshow(hard[layer, w, head], cmap="Greys", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"win {w} L{layer} H{head}", fontsize=7)
+  fig.suptitle("learned block masks (black = kept), target sparsity 0.5")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  # How much the masks differ between the two inputs (input dependence).
+  return {"tiles_differing_between_windows": float(np.mean(hard[:, 0] != hard[:, 1]))}
+
+
+def define_flags() -> None:
+  """The command line's flags, defined only when this module runs as a program (so
+  tests can import it beside the other benchmarks)."""
+  flags.DEFINE_string("out", "", "output directory")
+  flags.DEFINE_enum("budget", "short", ["smoke", "short", "full"],
+                    "training budget (smoke: tiny random models on packaged data, for CI)")
+  flags.DEFINE_enum("impl", "auto", ["auto", "pallas", "xla"],
+                    "ponder.ops.attention implementation of the perforated paths")
+  flags.DEFINE_string("wikitext", "../shared/data/wikitext-2-valsplit",
+                      "WikiText directory (train.txt, valid.txt)")
+  flags.DEFINE_string("sst2", "../shared/data/sst-2", "SST-2 directory (train.tsv, dev.tsv)")
+  flags.DEFINE_bool("skip_quality", False, "only the speed part")
+
+
+def main(argv):
+  del argv
+  out = FLAGS.out or "results/perforation"
+  os.makedirs(out, exist_ok=True)
+  budget = BUDGETS[FLAGS.budget]
+  start = os.getloadavg()
+  result = dict(machine=common.machine(), budget=FLAGS.budget, impl=FLAGS.impl,
+                budget_settings={k: v for k, v in budget.items() if k != "speed_seqs"},
+                speed_seqs=list(budget["speed_seqs"].items()))
+  path = os.path.join(out, "perforation.json")
+  previous = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+  if (previous.get("speed") and previous.get("budget") == FLAGS.budget
+      and previous.get("impl") == FLAGS.impl):
+    result["speed"] = previous["speed"]  # Reused: rerun with a new --out to remeasure.
+  else:
+    result["speed"] = speed_records(budget, FLAGS.impl)
+  common.write_json(path, result)
+  if not FLAGS.skip_quality:
+    result["quality"] = quality_records(
+        out, budget, lambda r: common.write_json(path, dict(result, quality=r)))
+    result["goals"] = goals(result["speed"], result["quality"])
+    common.write_json(path, result)
+    sweep_plot(result["quality"], os.path.join(out, "sparsity_sweep.png"))
+    result["masks"] = masks_plot(os.path.join(out, "runs", "mlm_perforated_50"),
+                                 os.path.join(out, "masks.png"))
+  result["load"] = common.load_record(start, os.getloadavg())
+  common.write_json(path, result)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
