@@ -53,11 +53,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import traverse_util
 
 from ponder import errors
 from ponder import hf_checkpoint
+from ponder import plasticity
+from ponder.analysis import heads as heads_lib
 from ponder.nn import perforated
+from ponder.nn import perforation as attention_perforation
+import ponder.ops
 
 # Hugging Face's activation names -> functions. "gelu" is the exact erf form BERT uses
 # (Hendrycks & Gimpel 2016, Eq. in Sec. 2: x * Phi(x)); the tanh forms are its approximation.
@@ -89,6 +94,13 @@ class BertConfig:
   classifier_dropout: Optional[float] = None  # None = hidden_dropout_prob.
   # Dense layers built with PerforatedAI dendrites (module-path globs; not an HF field).
   dendrites: Optional[perforated.DendriteSpec] = None
+  # Heads kept in each layer after structural pruning (0..num_attention_heads each; not an
+  # HF field); None = all in every layer. head_dim stays hidden / num_attention_heads, so
+  # a layer with h heads has query/key/value [hidden, h * head_dim] (`prune_heads`).
+  heads_per_layer: Optional[tuple] = None
+  # Learned attention perforation (issue 20, ponder/nn/perforation.py; not an HF field):
+  # None = dense attention.
+  perforation: Optional[attention_perforation.PerforationSpec] = None
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads:
@@ -97,6 +109,21 @@ class BertConfig:
           f"num_attention_heads={self.num_attention_heads}.")
     if self.hidden_act not in ACTIVATIONS:
       raise errors.unknown_key("hidden_act", self.hidden_act, ACTIVATIONS)
+    if self.heads_per_layer is not None:
+      heads = tuple(int(h) for h in self.heads_per_layer)  # config.json gives a list.
+      if (len(heads) != self.num_hidden_layers
+          or not all(0 <= h <= self.num_attention_heads for h in heads)):
+        raise errors.ConfigError(
+            f"heads_per_layer={self.heads_per_layer} must give num_hidden_layers="
+            f"{self.num_hidden_layers} counts, each between 0 and num_attention_heads="
+            f"{self.num_attention_heads}.")
+      object.__setattr__(self, "heads_per_layer", heads)
+
+  def heads(self, layer: int) -> int:
+    """Heads present in `layer` (fewer than num_attention_heads after pruning)."""
+    if self.heads_per_layer is None:
+      return self.num_attention_heads
+    return self.heads_per_layer[layer]
 
   @property
   def head_dim(self) -> int:
@@ -207,27 +234,86 @@ class Embeddings(nn.Module):
     return nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)(x)
 
 
+def _perforated_attention(module: nn.Module, q, k, v, key_mask, *, gate, train: bool,
+                          ctrl, return_probs: bool):
+  """Attention through `config.perforation`'s block mask (issue 20). q, k, v
+  [batch, seq, heads, head_dim]; returns the same layout.
+
+  Training: masked dense attention renormalised over the kept tiles, with the relaxed or
+  straight-through mask (so gradients reach the scorer). Inference (train=False): the
+  deterministic hard mask through `ponder.ops.attention` with a static
+  max_active_blocks (kernel on GPU/TPU, gathered XLA on CPU), or the masked dense path
+  when ctrl.impl == "dense". Sows "perforation_soft" (training, learned / static modes)
+  and "perforation_hard" into "intermediates" for the regulariser and the metrics.
+  Attention-probability dropout is not applied on this path.
+  """
+  cfg = module.config
+  spec = cfg.perforation
+  if return_probs:
+    raise errors.ConfigError("output_attentions is not available with perforation: the "
+                             "inference path never forms the probabilities.")
+  if train and ctrl is None:
+    raise errors.ConfigError(
+        "training a perforated BERT needs perforation=attention_perforation.control(step, "
+        "spec) (the step's temperature and hard flag) and rngs={'perforation': key}.")
+  qh, kh, vh = (x.swapaxes(1, 2) for x in (q, k, v))  # [batch, heads, seq, head_dim]
+  scorer = None
+  if spec.mode in ("learned", "static"):
+    scorer = attention_perforation.BlockScorer(
+        spec, qh.shape[1], spec.grid(cfg.max_position_embeddings), name="perforation")
+  key = module.make_rng("perforation") if train and scorer is not None else None
+  layer = int(re.search(r"layer_(\d+)", "/".join(module.scope.path)).group(1))
+  mask, soft, hard = attention_perforation.layer_mask(
+      scorer, spec, qh, kh, key_mask, layer=layer, train=train, ctrl=ctrl, key=key)
+  if soft is not None:
+    module.sow("intermediates", "perforation_soft", soft)
+  module.sow("intermediates", "perforation_hard", hard)
+  impl = "auto" if ctrl is None else ctrl.impl
+  if train or impl == "dense":
+    out = attention_perforation.masked_attention(qh, kh, vh, mask, key_mask,
+                                                 block=spec.block)
+  else:
+    out = ponder.ops.attention(
+        qh, kh, vh, hard, kv_padding=~key_mask, impl=impl,
+        block_sizes=ponder.ops.AttentionBlockSizes(spec.block, spec.block),
+        # Rows are capped at max_active (perforation.cap_rows): no dense fallback.
+        max_active_blocks=spec.max_active(qh.shape[2]), fallback=False)
+  if gate is not None:
+    out = out * gate[None, :, None, None].astype(out.dtype)
+  return out.swapaxes(1, 2).astype(v.dtype)
+
+
 class SelfAttention(nn.Module):
   """Multi-head scaled dot-product attention (Vaswani et al. 2017, Eq. 1 and Sec. 3.2.2):
   softmax(Q K^T / sqrt(d_k) + M) V per head, M = -inf at padding keys.
 
-  Returns the heads' outputs concatenated [batch, seq, hidden] and the probabilities
-  (None unless asked for). `gate` [n_head] multiplies the probabilities after dropout,
-  as Hugging Face's head_mask does.
+  Returns the heads' outputs concatenated [batch, seq, n_heads * head_dim] and the
+  probabilities (None unless asked for). `gate` [n_heads] multiplies the probabilities
+  after dropout, as Hugging Face's head_mask does.
   """
   config: BertConfig
   dtype: Any = jnp.float32
+  n_heads: Optional[int] = None  # Heads of this layer; None = config.num_attention_heads.
 
   @nn.compact
-  def __call__(self, x, key_mask, *, gate, train: bool, return_probs: bool):
+  def __call__(self, x, key_mask, *, gate, train: bool, return_probs: bool,
+               perforation=None):
     cfg = self.config
     b, t, _ = x.shape
-    heads = lambda name: _dense(self, cfg, cfg.hidden_size, name, self.dtype)(x).reshape(
-        b, t, cfg.num_attention_heads, cfg.head_dim)
+    n = cfg.num_attention_heads if self.n_heads is None else self.n_heads
+    heads = lambda name: _dense(self, cfg, n * cfg.head_dim, name, self.dtype)(x).reshape(
+        b, t, n, cfg.head_dim)
     q, k, v = heads("query"), heads("key"), heads("value")
+    if cfg.perforation is not None and n:
+      out = _perforated_attention(self, q, k, v, key_mask, gate=gate, train=train,
+                                  ctrl=perforation, return_probs=return_probs)
+      return out.reshape(b, t, n * cfg.head_dim), None
     mask = key_mask[:, None, None, :]  # [batch, 1 (heads), 1 (queries), keys]
     dropout = train and cfg.attention_probs_dropout_prob > 0
-    if return_probs or dropout:
+    if n == 0:  # Every head pruned: the sub-block adds only its output dense's bias.
+      probs = jnp.zeros((b, 0, t, t), jnp.float32)
+      out = jnp.zeros((b, t, 0, cfg.head_dim), self.dtype)
+    elif return_probs or dropout:
       scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.head_dim)
       scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(scores, axis=-1)
@@ -241,7 +327,7 @@ class SelfAttention(nn.Module):
       out = jax.nn.dot_product_attention(q, k, v, mask=mask)
       if gate is not None:  # (g P) V = g (P V): the same gate on the head's output.
         out = out * gate[None, None, :, None].astype(out.dtype)
-    return out.reshape(b, t, cfg.hidden_size), (probs if return_probs else None)
+    return out.reshape(b, t, n * cfg.head_dim), (probs if return_probs else None)
 
 
 class DenseResidualNorm(nn.Module):
@@ -261,11 +347,14 @@ class DenseResidualNorm(nn.Module):
 class Attention(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
+  n_heads: Optional[int] = None  # As SelfAttention's.
 
   @nn.compact
-  def __call__(self, x, key_mask, *, gate, train: bool, return_probs: bool):
-    h, probs = SelfAttention(self.config, self.dtype, name="self")(
-        x, key_mask, gate=gate, train=train, return_probs=return_probs)
+  def __call__(self, x, key_mask, *, gate, train: bool, return_probs: bool,
+               perforation=None):
+    h, probs = SelfAttention(self.config, self.dtype, self.n_heads, name="self")(
+        x, key_mask, gate=gate, train=train, return_probs=return_probs,
+        perforation=perforation)
     return DenseResidualNorm(self.config, self.dtype, name="output")(h, x, train=train), probs
 
 
@@ -285,11 +374,14 @@ class Layer(nn.Module):
   """One encoder block: x = LN(x + MHA(x)); x = LN(x + FFN(x))."""
   config: BertConfig
   dtype: Any = jnp.float32
+  n_heads: Optional[int] = None  # As SelfAttention's.
 
   @nn.compact
-  def __call__(self, x, key_mask, *, gate, train: bool, return_probs: bool):
-    x, probs = Attention(self.config, self.dtype, name="attention")(
-        x, key_mask, gate=gate, train=train, return_probs=return_probs)
+  def __call__(self, x, key_mask, *, gate, train: bool, return_probs: bool,
+               perforation=None):
+    x, probs = Attention(self.config, self.dtype, self.n_heads, name="attention")(
+        x, key_mask, gate=gate, train=train, return_probs=return_probs,
+        perforation=perforation)
     h = Intermediate(self.config, self.dtype, name="intermediate")(x)
     return DenseResidualNorm(self.config, self.dtype, name="output")(h, x, train=train), probs
 
@@ -299,12 +391,18 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, key_mask, *, head_mask, train: bool, return_probs: bool):
+  def __call__(self, x, key_mask, *, head_mask, train: bool, return_probs: bool,
+               perforation=None):
+    cfg = self.config
     hidden, attentions = [x], []
-    for i in range(self.config.num_hidden_layers):
-      x, probs = Layer(self.config, self.dtype, name=f"layer_{i}")(
-          x, key_mask, gate=None if head_mask is None else head_mask[i], train=train,
-          return_probs=return_probs)
+    for i in range(cfg.num_hidden_layers):
+      h = cfg.heads(i)
+      x, probs = Layer(cfg, self.dtype, None if h == cfg.num_attention_heads else h,
+                       name=f"layer_{i}")(
+          x, key_mask, gate=None if head_mask is None else head_mask[i, :h], train=train,
+          return_probs=return_probs, perforation=perforation)
+      if return_probs and h < cfg.num_attention_heads:  # Absent heads: all-zero rows.
+        probs = jnp.pad(probs, ((0, 0), (0, cfg.num_attention_heads - h), (0, 0), (0, 0)))
       hidden.append(x)
       attentions.append(probs)
     return x, hidden, attentions
@@ -342,7 +440,7 @@ class Bert(nn.Module):
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
                train: bool = False, head_mask=None, output_hidden_states: bool = False,
-               output_attentions: bool = False) -> BertOutput:
+               output_attentions: bool = False, perforation=None) -> BertOutput:
     """Encodes a padded batch.
 
     Args:
@@ -357,6 +455,9 @@ class Bert(nn.Module):
       output_hidden_states: also return every layer's hidden states.
       output_attentions: also return every layer's attention probabilities, after
         dropout and head_mask (what Hugging Face returns).
+      perforation: with `config.perforation`, the step's
+        `attention_perforation.Control` (temperature, hard flag, inference path);
+        needed in training (which also needs rngs={"perforation": key}).
     """
     cfg = self.config
     _check_inputs(cfg, input_ids, head_mask)
@@ -367,7 +468,7 @@ class Bert(nn.Module):
     x = Embeddings(cfg, self.dtype, name="embeddings")(input_ids, token_type_ids, train=train)
     x, hidden, attentions = Encoder(cfg, self.dtype, name="encoder")(
         x, attention_mask.astype(bool), head_mask=head_mask, train=train,
-        return_probs=output_attentions)
+        return_probs=output_attentions, perforation=perforation)
     return BertOutput(
         last_hidden_state=x, pooler_output=Pooler(cfg, self.dtype, name="pooler")(x),
         hidden_states=jnp.stack(hidden) if output_hidden_states else None,
@@ -382,7 +483,7 @@ class BertForSequenceClassification(nn.Module):
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
                train: bool = False, head_mask=None, output_hidden_states: bool = False,
-               output_attentions: bool = False):
+               output_attentions: bool = False, perforation=None):
     """float32 logits [batch, num_labels], or (logits, aux) when extras are asked for.
 
     Arguments as `Bert`. aux holds "pooled" [batch, hidden] and the requested
@@ -391,7 +492,8 @@ class BertForSequenceClassification(nn.Module):
     cfg = self.config
     out = Bert(cfg, self.dtype, name="bert")(
         input_ids, attention_mask, token_type_ids, train=train, head_mask=head_mask,
-        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+        perforation=perforation)
     rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
     pooled = nn.Dropout(rate, deterministic=not train)(out.pooler_output)
     logits = _dense(self, cfg, cfg.num_labels, "classifier", self.dtype)(pooled).astype(
@@ -404,6 +506,41 @@ class BertForSequenceClassification(nn.Module):
     if output_attentions:
       aux["attentions"] = out.attentions
     return logits, aux
+
+
+class MaskedLMHead(nn.Module):
+  """Sec. 3.1 Task #1 (masked LM), as the released code: a dense + GELU + LayerNorm
+  transform, then the output layer tied to the word embeddings (Press & Wolf 2017) plus
+  a per-token bias. Hugging Face's cls/predictions/{transform, bias}."""
+  config: BertConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, word_table):
+    cfg = self.config
+    h = ACTIVATIONS[cfg.hidden_act](_dense(self, cfg, cfg.hidden_size, "transform", self.dtype)(h))
+    h = _layer_norm(cfg, self.dtype)(h)
+    bias = self.param("bias", nn.initializers.zeros, (cfg.vocab_size,))
+    return (h @ word_table.T.astype(h.dtype)).astype(jnp.float32) + bias
+
+
+class BertForMaskedLM(nn.Module):
+  """BERT with the masked-LM head: logits [batch, n, vocab] at `positions` [batch, n]
+  only (every position when None), so the vocabulary-wide output layer costs what the
+  masked share of the tokens needs (15%), as BERT's pre-training does."""
+  config: BertConfig
+  dtype: Any = jnp.float32  # Computation dtype; parameters stay float32.
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
+               positions=None, train: bool = False, perforation=None):
+    encoder = Bert(self.config, self.dtype, name="bert")
+    h = encoder(input_ids, attention_mask, token_type_ids, train=train,
+                perforation=perforation).last_hidden_state
+    if positions is not None:
+      h = jnp.take_along_axis(h, positions[..., None], axis=1)
+    table = encoder.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
+    return MaskedLMHead(self.config, self.dtype, name="mlm_head")(h, table)
 
 
 # --- The Deep Averaging Network ("DSN") -------------------------------------------------
@@ -734,7 +871,9 @@ def to_hf(model: nn.Module, params, path: str | os.PathLike) -> None:
         f"to_hf writes plain BERT checkpoints; these params have dendrites in {grown}, "
         "which a Hugging Face BertModel cannot hold. Save them with ponder's checkpoints.")
   is_classifier = isinstance(model, BertForSequenceClassification)
-  fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "dendrites"}
+  # A pruned model's heads_per_layer is written for from_hf; transformers ignores it.
+  fields = {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k != "dendrites" and not (k == "heads_per_layer" and v is None)}
   hf_config = {"architectures": ["BertForSequenceClassification" if is_classifier
                                  else "BertModel"], "model_type": "bert", **fields,
                **{k: allowed[0] for k, allowed in _HF_REQUIRED.items()}}
@@ -754,3 +893,66 @@ def to_hf(model: nn.Module, params, path: str | os.PathLike) -> None:
     tensors["classifier.weight"] = np.ascontiguousarray(np.asarray(params["classifier"]["kernel"]).T)
     tensors["classifier.bias"] = np.asarray(params["classifier"]["bias"])
   save_file(tensors, directory / _SAFETENSORS_FILE, metadata={"format": "pt"})
+
+
+# --- Head pruning (Michel et al. 2019) ---------------------------------------------------
+
+
+def _encoder_prefix(model: nn.Module) -> tuple:
+  if isinstance(model, BertForSequenceClassification):
+    return ("bert", "encoder")
+  if isinstance(model, Bert):
+    return ("encoder",)
+  raise errors.ConfigError(f"head pruning takes a Bert or BertForSequenceClassification, "
+                           f"not {type(model).__name__}.")
+
+
+def head_layout(model: nn.Module) -> plasticity.HeadLayout:
+  """Where each layer's heads lie in `model`'s parameters: the query / key / value
+  columns [heads, head_dim] and the attention output dense's rows [heads, head_dim]. The
+  output dense's bias and LayerNorm are shared by the heads and stay. Dendrites on these
+  layers (model.config.dendrites) are not laid out: prune a plain attention."""
+  cfg = model.config
+  prefix = _encoder_prefix(model)
+
+  def layer(i):
+    attn = prefix + (f"layer_{i}", "attention")
+    qkv = [plasticity.HeadSlice(attn + ("self", name, leaf), axis=1 if leaf == "kernel" else 0)
+           for name in ("query", "key", "value") for leaf in ("kernel", "bias")]
+    return tuple(qkv) + (plasticity.HeadSlice(attn + ("output", "dense", "kernel"), axis=0),)
+
+  return plasticity.HeadLayout(
+      n_head=cfg.num_attention_heads, head_dim=cfg.head_dim,
+      heads=tuple(cfg.heads(i) for i in range(cfg.num_hidden_layers)),
+      slices=tuple(layer(i) for i in range(cfg.num_hidden_layers)))
+
+
+def prune_heads(model: nn.Module, params, mask) -> tuple[nn.Module, Any]:
+  """Removes the heads that the 0/1 `mask` [n_layer, n_head] turns off (Bert or
+  BertForSequenceClassification).
+
+  Returns (model, params) with `heads_per_layer` set and query / key / value / attention
+  output shrunk, whose outputs equal `model.apply(params, ..., head_mask=mask)`: a gated
+  head's probabilities are 0, so it adds nothing to the output dense. A model pruned
+  before takes a mask over its remaining heads (row i's first heads_per_layer[i] entries).
+  """
+  layout = head_layout(model)
+  pruned = plasticity.prune_params(params, mask, layout)
+  heads = plasticity.heads_after(mask, layout)
+  return type(model)(dataclasses.replace(model.config, heads_per_layer=heads),
+                     model.dtype), pruned
+
+
+def head_analysis_apply(model: nn.Module):
+  """`apply(params, batch, head_mask) -> (loss, attentions)` for `ponder.analysis.heads`
+  on a BertForSequenceClassification: the mean cross-entropy of batch["label"] (weighted
+  by batch["mask"] when the batch has one, as evaluation batches do) and every layer's
+  attention probabilities, in eval mode. Give the heads functions causal=False and the
+  batch's attention_mask as query and key mask."""
+  def apply(params, batch, head_mask):
+    logits, aux = model.apply({"params": params}, batch["input_ids"],
+                              batch["attention_mask"], batch["token_type_ids"],
+                              head_mask=head_mask, output_attentions=True)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    return heads_lib.mean_loss(nll, batch.get("mask")), aux["attentions"]
+  return apply

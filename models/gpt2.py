@@ -47,6 +47,7 @@ from jax import lax
 from ponder import errors
 from ponder import hf_checkpoint
 from ponder import plasticity
+from ponder.analysis import heads as heads_lib
 from ponder.nn import dense as dense_lib
 
 
@@ -138,8 +139,10 @@ def init_cache(cfg: GPT2Config, batch_size: int, max_len: int,
 def _dense(features: int, name: str, dtype: Any, std: float = 0.02) -> nn.Dense:
   # ponder's Dense multiplies on [rows, features]: nn.Dense's parameters, without the
   # transposed copy XLA:CPU makes before each weight-gradient matmul on 3-D inputs.
-  return dense_lib.Dense(features, dtype=dtype, kernel_init=nn.initializers.normal(std),
-                         name=name)
+  # `dtype` is the compute dtype of its matmul: bf16 operands accumulate in float32,
+  # forward and backward (`dense_lib.matmul`), and the output is float32.
+  return dense_lib.Dense(features, compute_dtype=dtype,
+                         kernel_init=nn.initializers.normal(std), name=name)
 
 
 def residual_std(cfg: GPT2Config) -> float:
@@ -231,7 +234,10 @@ class Block(nn.Module):
 class GPT2(nn.Module):
   """GPT-2 language model: token ids [batch, seq] -> logits [batch, seq, vocab]."""
   config: GPT2Config
-  dtype: Any = jnp.float32  # Computation dtype; parameters stay float32.
+  # Matmul operand dtype (dense layers and the tied output layer, with float32
+  # accumulation in the forward and backward dots); parameters, embeddings, the
+  # residual stream, attention, LayerNorm statistics and logits stay float32.
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, input_ids, *, train: bool = False, head_mask=None,
@@ -271,10 +277,10 @@ class GPT2(nn.Module):
           f"{(cfg.n_layer, cfg.n_head)}.")
     start = 0 if cache is None else cache.length
     positions = start + jnp.arange(t)
-    wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=self.dtype,
+    wte = nn.Embed(cfg.vocab_size, cfg.n_embd,
                    embedding_init=nn.initializers.normal(0.02), name="wte")
     # The released GPT-2 code initialises positions with std 0.01, tokens with 0.02.
-    wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=self.dtype,
+    wpe = nn.Embed(cfg.n_positions, cfg.n_embd,
                    embedding_init=nn.initializers.normal(0.01), name="wpe")
     x = wte(input_ids) + wpe(positions)[None]
     x = nn.Dropout(cfg.embd_pdrop, deterministic=not train)(x)
@@ -294,7 +300,7 @@ class GPT2(nn.Module):
         keys.append(layer_cache[0])
         values.append(layer_cache[1])
     x = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x)
-    logits = wte.attend(x).astype(jnp.float32)  # Tied output layer.
+    logits = dense_lib.attend(x, wte.embedding, self.dtype)  # Tied output layer.
     aux = {}
     if output_hidden_states:
       aux["hidden_states"] = jnp.stack(hidden + [x])
@@ -532,9 +538,5 @@ def head_analysis_apply(model: GPT2):
     logits, aux = model.apply({"params": params}, tokens[:, :-1], head_mask=head_mask,
                               output_attentions=True)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-    weights = batch.get("mask")
-    if weights is None:
-      return nll.mean(), aux["attentions"]
-    weights = weights.astype(jnp.float32)
-    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0), aux["attentions"]
+    return heads_lib.mean_loss(nll, batch.get("mask")), aux["attentions"]
   return apply

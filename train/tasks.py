@@ -35,11 +35,14 @@ from ponder import errors
 from ponder import lm
 from ponder import mesh as mesh_lib
 from ponder.data import glue
+from ponder.data import mlm
 from ponder.data import samples
 from ponder.data import synthetic
 from ponder.data import text
 from ponder.data import tokenizers
 from ponder.data import vision
+from ponder.nn import perforated
+from ponder.nn import perforation as attention_perforation
 from ponder.nn import token_pruning
 from models import bert
 from models import dendritic_liquid_vit
@@ -142,6 +145,8 @@ def pruning_objective(logits, aux, batch, *, keep_targets, keep_ratio_weight: fl
 
 def how_to_train_teacher(cfg: ml_collections.ConfigDict) -> str:
   """The command that trains the baseline a vision config distils from."""
+  if cfg.task == "lm_distillation":
+    return lm_distillation_teacher(cfg)
   return (f"python -m train.main --config=configs/vit.py:{cfg.data.name} "
           f"--workdir={cfg.distill.teacher_workdir}")
 
@@ -285,7 +290,8 @@ def build_lm_model(cfg: ml_collections.ConfigDict, vocab_size: int):
 
 
 def synthetic_lm_eval(params, batch, *, model):
-  """`lm_eval` plus the NLL sums of unpredictable (difficulty 1) and predictable targets."""
+  """`lm_eval` plus the NLL sums of unpredictable (difficulty 1) and predictable targets,
+  and the argmax hits on the recalled targets (kind RECALL) of the recall task."""
   tokens = batch["tokens"]
   logits = model.apply({"params": params}, tokens[:, :-1], train=False)
   sums = lm.nll_sums(logits, tokens[:, 1:], batch["mask"])
@@ -294,6 +300,9 @@ def synthetic_lm_eval(params, batch, *, model):
   for part, weight in (("hard", hard), ("easy", 1.0 - hard)):
     sums[f"nll_{part}_sum"] = jnp.sum(nll * weight)
     sums[f"count_{part}"] = jnp.sum(batch["mask"] * weight)
+  recall = (batch["kind"][:, 1:] == synthetic.RECALL) * batch["mask"]
+  sums["recall_correct_sum"] = jnp.sum(recall * (logits.argmax(-1) == tokens[:, 1:]))
+  sums["count_recall"] = jnp.sum(recall)
   return sums
 
 
@@ -301,6 +310,8 @@ def synthetic_lm_summary(sums) -> dict:
   out = lm.summarize(sums)
   for part in ("hard", "easy"):
     out[f"nll_{part}"] = float(sums[f"nll_{part}_sum"]) / max(float(sums[f"count_{part}"]), 1.0)
+  if float(sums["count_recall"]):
+    out["recall_acc"] = float(sums["recall_correct_sum"]) / float(sums["count_recall"])
   return out
 
 
@@ -321,7 +332,7 @@ def build_synthetic_lm(cfg: ml_collections.ConfigDict, mesh) -> Task:
   def eval_batches(split="val"):
     for batch in synthetic.eval_batches(source, seed=cfg.seed, batch_size=bs, seq_len=seq,
                                         num_batches=cfg.data.eval_batches, split=split):
-      yield {k: batch[k] for k in ("tokens", "difficulty", "mask")}
+      yield {k: batch[k] for k in ("tokens", "difficulty", "kind", "mask")}
 
   return Task(model=model, init=init, train_batch=train_batch, eval_batches=eval_batches,
               test_batches=functools.partial(eval_batches, "test"),
@@ -491,6 +502,9 @@ def build_bert_classifier(model_cfg, vocab_size: int, checkpoint: Optional[str])
   overrides = dict(num_labels=model_cfg.num_labels, dendrites=_dendrites(model_cfg),
                    hidden_dropout_prob=model_cfg.hidden_dropout,
                    attention_probs_dropout_prob=model_cfg.attention_dropout)
+  heads = model_cfg.get("heads_per_layer", None)
+  if heads:  # structurally pruned heads (the plasticity policy sets them)
+    overrides["heads_per_layer"] = tuple(int(h) for h in heads)
   if checkpoint:
     cfg = bert.config_from_checkpoint(checkpoint, **overrides)
     if cfg.vocab_size != vocab_size:
@@ -574,6 +588,30 @@ def text_loss(params, batch, key, *, model, train: bool, step=None):
   return loss, {"accuracy": (logits.argmax(-1) == batch["label"]).mean()}
 
 
+def text_candidate_loss(params, batch, key, *, model, train: bool, step=None):
+  """Rule "cc"'s candidate phase (train/phases.py DendritePolicy): -S of the newest
+  dendrites (perforated.correlation_loss) with every other parameter frozen behind
+  stop_gradient, so only the candidates receive gradient."""
+  del step
+  mask = perforated.candidate_mask(params)
+  params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
+
+  def apply_fn(variables, b, mutable):
+    return model.apply(variables, b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                       train=train, rngs={"dropout": key}, mutable=mutable)
+
+  def task_loss(logits, b):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, b["label"]).mean()
+
+  neg_s, task = perforated.correlation_loss(params, batch, apply_fn=apply_fn,
+                                            loss_fn=task_loss)
+  return neg_s, {"correlation": -neg_s, "task_loss": task}
+
+
+# model.dendrite_phase -> the training loss of a text classifier.
+TEXT_LOSSES = {"neurons": text_loss, "candidates": text_candidate_loss}
+
+
 def text_eval(params, batch, *, model):
   """Sums of loss, correct predictions and real (unpadded) examples."""
   logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
@@ -582,6 +620,13 @@ def text_eval(params, batch, *, model):
   correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
   m = batch["mask"]
   return {"loss_sum": (nll * m).sum(), "correct": (correct * m).sum(), "count": m.sum()}
+
+
+def text_training_loss(model_cfg: ml_collections.ConfigDict) -> Callable:
+  phase = model_cfg.get("dendrite_phase", "neurons")
+  if phase not in TEXT_LOSSES:
+    raise errors.unknown_key("model.dendrite_phase", phase, TEXT_LOSSES)
+  return TEXT_LOSSES[phase]
 
 
 def build_text_classification(cfg: ml_collections.ConfigDict, mesh) -> Task:
@@ -626,15 +671,191 @@ def build_text_classification(cfg: ml_collections.ConfigDict, mesh) -> Task:
                                                 batch_size=bs, buckets=buckets),
       eval_batches=functools.partial(split, encoded["valid"]),
       test_batches=functools.partial(split, encoded["dev"]),
-      loss_fn=functools.partial(text_loss, model=model),
+      loss_fn=functools.partial(text_training_loss(cfg.model), model=model),
       eval_fn=functools.partial(text_eval, model=model),
       summarize=classification_summary,
       select=("accuracy", "max"),
   )
 
 
+# --- Attention perforation (issue 20): masked LM on WikiText, perforated SST-2 -----------
+
+
+def perforation_spec(cfg: ml_collections.ConfigDict):
+  """The run's `attention_perforation.PerforationSpec` (None when perforation.mode is
+  "none": dense attention)."""
+  fields = dict(cfg.perforation)
+  if fields.pop("mode") == "none":
+    return None
+  return attention_perforation.PerforationSpec(mode=cfg.perforation.mode, **fields)
+
+
+def perforated_apply(model, params, key, *, step, train: bool, inputs: tuple, **kwargs):
+  """(output, metrics, regulariser) of a model whose config may hold a perforation:
+  the step's Control and the "perforation" rng in training, the achieved sparsity of
+  the hard masks, and the seed's regulariser on the soft ones (0 without them)."""
+  spec = model.config.perforation
+  if spec is None:
+    out = model.apply({"params": params}, *inputs, train=train, rngs={"dropout": key},
+                      **kwargs)
+    return out, {}, jnp.zeros((), jnp.float32)
+  drop_key, perf_key = jax.random.split(key)
+  ctrl = attention_perforation.control(0 if step is None else step, spec)
+  out, state = model.apply({"params": params}, *inputs, train=train, perforation=ctrl,
+                           rngs={"dropout": drop_key, "perforation": perf_key},
+                           mutable=["intermediates"], **kwargs)
+  found = state["intermediates"]
+  hard = attention_perforation.collect(found, "perforation_hard").astype(jnp.float32)
+  metrics = {"sparsity": attention_perforation.sparsity(hard),
+             "temperature": ctrl.temperature}
+  soft = attention_perforation.collect(found, "perforation_soft")
+  if soft is None:
+    return out, metrics, jnp.zeros((), jnp.float32)
+  reg, terms = attention_perforation.regulariser(soft, 0 if step is None else step, spec)
+  metrics.update({f"reg_{name}": value for name, value in terms.items()},
+                 soft_sparsity=attention_perforation.sparsity(soft))
+  return out, metrics, reg
+
+
+def mlm_loss(params, batch, key, *, model, train: bool, step=None):
+  """Masked-LM cross-entropy at the masked positions (+ the perforation regulariser)."""
+  inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+  logits, metrics, reg = perforated_apply(model, params, key, step=step, train=train,
+                                          inputs=inputs, positions=batch["positions"])
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+  accuracy = (logits.argmax(-1) == batch["labels"]).mean()
+  return nll + reg, dict(metrics, mlm_loss=nll, accuracy=accuracy)
+
+
+def mlm_eval(params, batch, *, model):
+  """Sums over real windows: NLL and hits at masked positions, their count, sparsity."""
+  inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+  logits, metrics, _ = perforated_apply(model, params, jax.random.key(0), step=None,
+                                        train=False, inputs=inputs,
+                                        positions=batch["positions"])
+  m = batch["mask"][:, None] * jnp.ones(batch["labels"].shape, jnp.float32)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+  sums = {"loss_sum": (nll * m).sum(), "correct": ((logits.argmax(-1) == batch["labels"])
+                                                   * m).sum(),
+          "count": m.sum(), "windows": batch["mask"].sum()}
+  sums["sparsity_sum"] = metrics.get("sparsity", 0.0) * batch["mask"].sum()
+  return sums
+
+
+def mlm_summary(sums) -> dict:
+  n, w = max(float(sums["count"]), 1.0), max(float(sums["windows"]), 1.0)
+  return {"mlm_loss": float(sums["loss_sum"]) / n, "accuracy": float(sums["correct"]) / n,
+          "sparsity": float(sums["sparsity_sum"]) / w, "masked_tokens": int(sums["count"])}
+
+
+def _with_perforation(model_cls, checkpoint, model_cfg, spec, vocab_size):
+  overrides = dict(perforation=spec, hidden_dropout_prob=model_cfg.hidden_dropout,
+                   attention_probs_dropout_prob=model_cfg.attention_dropout)
+  if checkpoint:
+    bcfg = bert.config_from_checkpoint(checkpoint, **overrides)
+  else:
+    bcfg = bert.config(model_cfg.preset, vocab_size=vocab_size, **overrides)
+  return model_cls(bcfg, dtype=jnp.dtype(model_cfg.dtype))
+
+
+def build_masked_lm(cfg: ml_collections.ConfigDict, mesh) -> Task:
+  """Masked LM (ponder/data/mlm.py) on a WikiText-layout directory with
+  bert.BertForMaskedLM (MiniLM's encoder; the head is new), dense or perforated."""
+  del mesh  # Eval batches are full (their padding rows repeat a window under mask 0).
+  checkpoint = resolve_init_from(cfg.model.init_from)
+  tok = build_text_tokenizer(cfg.data, checkpoint, [text.source_text(cfg.data.source)]
+                             if not checkpoint else [])
+  model = _with_perforation(bert.BertForMaskedLM, checkpoint, cfg.model,
+                            perforation_spec(cfg), tok.vocab_size)
+  if model.config.vocab_size != tok.vocab_size:
+    raise errors.ConfigError(f"the tokenizer has {tok.vocab_size} ids and the model embeds "
+                             f"{model.config.vocab_size}: use data.tokenizer='checkpoint'.")
+  cache = lm_cache_dir(cfg.data)
+  tokens = {s: text.split_tokens(cfg.data.source, s, tok, cache_dir=cache)
+            for s in ("train", "valid")}
+  ids = dict(cls_id=tok.cls_id, sep_id=tok.sep_id, mask_id=tok.mask_id,
+             vocab_size=tok.vocab_size)
+  seq, rate = cfg.data.seq_len, cfg.data.mask_rate
+
+  def init(key):
+    fresh = model.init({"params": key}, jnp.zeros((1, seq), jnp.int32),
+                       positions=jnp.zeros((1, 1), jnp.int32))["params"]
+    if checkpoint is None:
+      return fresh
+    # The checkpoint's encoder has no scorers: its shapes are the dense model's.
+    dense = type(model)(dataclasses.replace(model.config, perforation=None))
+    shapes, loader = _bert_pretrained(dense, checkpoint)
+    to_numpy = lambda: jax.tree.map(np.asarray, loader())  # noqa: E731
+    return bert.load_into(fresh, jax.pure_callback(to_numpy, shapes),
+                          where=cfg.model.init_from)
+
+  def split(name):
+    return mlm.eval_batches(tokens[name], seed=cfg.seed, batch_size=cfg.data.eval_batch_size,
+                            seq_len=seq, rate=rate, max_windows=cfg.data.eval_windows, **ids)
+
+  return Task(
+      model=model, init=init,
+      train_batch=lambda step: mlm.train_batch(
+          tokens["train"], seed=cfg.seed, step=step, batch_size=cfg.trainer.batch_size,
+          seq_len=seq, rate=rate, **ids),
+      eval_batches=functools.partial(split, "valid"),
+      loss_fn=functools.partial(mlm_loss, model=model),
+      eval_fn=functools.partial(mlm_eval, model=model),
+      summarize=mlm_summary, select=("mlm_loss", "min"))
+
+
+def perforated_text_loss(params, batch, key, *, model, train: bool, step=None):
+  """`text_loss` with the perforation's Control, sparsity and regulariser."""
+  inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+  logits, metrics, reg = perforated_apply(model, params, key, step=step, train=train,
+                                          inputs=inputs)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+  return loss + reg, dict(metrics, accuracy=(logits.argmax(-1) == batch["label"]).mean())
+
+
+def build_perforated_text_classification(cfg: ml_collections.ConfigDict, mesh) -> Task:
+  """SST-2 as `build_text_classification`, with the BERT classifier perforated by
+  cfg.perforation (its encoder loaded as there; the scorers start fresh)."""
+  task = build_text_classification(cfg, mesh)
+  plain = task.model
+  model = type(plain)(dataclasses.replace(plain.config, perforation=perforation_spec(cfg)),
+                      plain.dtype)
+
+  def init(key):
+    fresh = model.init({"params": key}, jnp.zeros((1, 16), jnp.int32), train=False)
+    return bert.load_into(fresh["params"], task.init(key), where="the dense classifier")
+
+  return dataclasses.replace(
+      task, model=model, init=init,
+      # Flax's sow does nothing when "intermediates" is not mutable: the dense task's
+      # eval function runs the perforated model (kernel path) unchanged.
+      loss_fn=functools.partial(perforated_text_loss, model=model),
+      eval_fn=functools.partial(text_eval, model=model))
+
+
 BUILDERS = {"classification": build_classification, "language_model": build_language_model,
-            "text_classification": build_text_classification}
+            "text_classification": build_text_classification,
+            "masked_lm": build_masked_lm,
+            "perforated_text_classification": build_perforated_text_classification}
+
+
+# --- LM distillation (ASNN-Goose, issue 19): an RWKV student from a GPT-2 teacher --------
+# The task lives in train/goose.py (imported on use: it imports this module).
+
+
+def build_lm_distillation(cfg: ml_collections.ConfigDict, mesh,
+                          teacher: Optional[Callable] = None) -> Task:
+  from train import goose  # pylint: disable=g-import-not-at-top
+  return goose.build_task(cfg, mesh, teacher)
+
+
+def lm_distillation_teacher(cfg: ml_collections.ConfigDict) -> str:
+  from train import goose  # pylint: disable=g-import-not-at-top
+  return goose.how_to_train_teacher(cfg)
+
+
+BUILDERS["lm_distillation"] = build_lm_distillation
+# --- end of LM distillation ---------------------------------------------------------------
 
 
 def build(cfg: ml_collections.ConfigDict, mesh, *, teacher: Optional[Callable] = None) -> Task:
