@@ -100,7 +100,8 @@ def test_gates_oracle_and_random_at_the_same_rate(run):
     # Oracle and random allocate exactly the target fractions; the gate about them.
     assert rows[1]["allocation"] == rows[2]["allocation"]
     assert abs(g["realised_rate"] - g["target_rate"]) < 0.25
-    assert g["oracle_nll"] <= g["base_nll"] + 1e-6  # Ranked by realised gains.
+    # (No oracle <= base check: at a forced update rate the oracle must also update
+    # chunks whose realised gain is negative, so on an untrained smoke model it can lose.)
     assert g["recovery"] == ponder_pareto.oracle_recovery(g["base_nll"], g["gate_nll"],
                                                           g["oracle_nll"])
     # The gate pays for its signal; the oracle and random are charged nothing.

@@ -126,7 +126,9 @@ def test_selected_checkpoint_is_scored_once_on_test(tmp_path):
 
 
 def _one_step(config_file, data):
-  cfg = cli.load_config_file(f"{ROOT / 'configs' / config_file}:fashion_mnist,smoke")
+  # DendriticLiquid-ViT with `scratch`: distillation from a teacher, no warm start.
+  extra = ",scratch" if config_file == "dendritic_liquid_vit.py" else ""
+  cfg = cli.load_config_file(f"{ROOT / 'configs' / config_file}:fashion_mnist,smoke{extra}")
   cfg.data.update(data_dir=str(data), source="local")
   cfg.trainer.update(total_steps=1, eval_every=1, ckpt_every=1)
   return cfg
