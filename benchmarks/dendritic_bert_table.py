@@ -266,7 +266,8 @@ def check_goals(rows: dict) -> dict:
 
 
 def copy_pictures(result: dict, out_dir: str) -> list:
-  """One GD and one cc run's dendrites.png next to the table, as <row>_dendrites.png."""
+  """One GD and one cc run's dendrites.png next to the table, as <row>_dendrites.png;
+  returns their file names."""
   copied = []
   for rule in ("gd", "cc"):
     for row, r in result["rows"].items():
@@ -274,7 +275,7 @@ def copy_pictures(result: dict, out_dir: str) -> list:
       if row.endswith(f"_{rule}") and os.path.exists(src):
         dst = os.path.join(out_dir, f"{row}_dendrites.png")
         shutil.copyfile(src, dst)
-        copied.append(dst)
+        copied.append(os.path.basename(dst))  # beside the JSON: no machine's paths
         break
   return copied
 
