@@ -21,6 +21,7 @@ task for evaluation needs nothing but the run's own workdir.
 import dataclasses
 import functools
 import inspect
+import json
 import os
 import re
 from typing import Any, Callable, Iterable, Optional
@@ -629,6 +630,18 @@ def text_training_loss(model_cfg: ml_collections.ConfigDict) -> Callable:
   return TEXT_LOSSES[phase]
 
 
+@functools.lru_cache(maxsize=2)
+def encoded_sst2(data_json: str, checkpoint: Optional[str]):
+  """(tokenizer, {split: glue.encode(...)}) of a data block (as JSON), cached: a phase
+  policy rebuilds the task at every structure change, and tokenizing SST-2 again each
+  time would be wasted work."""
+  data_cfg = ml_collections.ConfigDict(json.loads(data_json))
+  splits = load_sst2(data_cfg)
+  tok = build_text_tokenizer(data_cfg, checkpoint, splits["train"].texts)
+  return tok, {name: glue.encode(split, tok, max_len=data_cfg.max_len)
+               for name, split in splits.items()}
+
+
 def build_text_classification(cfg: ml_collections.ConfigDict, mesh) -> Task:
   """SST-2 (ponder/data/glue.py) with models/bert.py's classifier or DAN.
 
@@ -641,10 +654,7 @@ def build_text_classification(cfg: ml_collections.ConfigDict, mesh) -> Task:
   """
   check_frozen_embeddings(cfg)
   checkpoint = resolve_init_from(cfg.model.init_from)
-  splits = load_sst2(cfg.data)
-  tok = build_text_tokenizer(cfg.data, checkpoint, splits["train"].texts)
-  encoded = {name: glue.encode(split, tok, max_len=cfg.data.max_len)
-             for name, split in splits.items()}
+  tok, encoded = encoded_sst2(cfg.data.to_json(), checkpoint)
   model = build_text_model(cfg.model, tok.vocab_size, checkpoint)
   buckets = tuple(int(b) for b in str(cfg.data.buckets).split(","))
   if max(buckets) < cfg.data.max_len:
