@@ -9,7 +9,10 @@ import multiprocessing
 import os
 import platform
 import time
+import types
+from typing import Optional
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +41,21 @@ def machine(**extra) -> dict:
               cpu_count=os.cpu_count(), processor=cpu_name(), jax_version=jax.__version__,
               load_average_start=os.getloadavg(), glibc_tunables=os.environ.get(
                   "GLIBC_TUNABLES", ""), bf16_matmul_hardware=bf16_matmul_hardware(), **extra)
+
+
+def define_step_flags(*, quick: str, bf16: str) -> types.SimpleNamespace:
+  """The flags of the step benchmarks (vit_throughput, lm_throughput), defined by the
+  program that calls this; `quick` and `bf16` are their help texts."""
+  return types.SimpleNamespace(
+      out=flags.DEFINE_string("out", "", "JSON file for the results ('' = print only)."),
+      quick=flags.DEFINE_bool("quick", False, quick),
+      runs=flags.DEFINE_integer("runs", 10, "Timed steps per side (median reported)."),
+      warmup=flags.DEFINE_integer("warmup", 2, "Untimed steps per side after its first."),
+      bf16=flags.DEFINE_bool("bf16", True, bf16),
+      old_default=flags.DEFINE_bool(
+          "old_default", True, "Also time ponder's pre-issue-21 default step (system "
+          "allocator, float32, 3-D nn.Dense) in a child process, in the same round robin."),
+      reuse_memory=flags.DEFINE_bool("reuse_memory", True, "As train.main's --reuse_memory."))
 
 
 def write_json(path: str, result: dict) -> None:
@@ -98,8 +116,9 @@ def op_breakdown(run, *, top: int = 8, runs: int = 2) -> dict:
       for name, s in list(seconds.items())[:top]])
 
 
-# A 1-minute load average above this on the 2-core machine means other work shared the
-# cores during the run: its ratios hold, its absolute rates and MFU do not.
+# A 1-minute load average above this before a run on the 2-core machine (or above it
+# plus the cores the run itself keeps busy, after it) means other work shared the cores:
+# its ratios hold, its absolute rates and MFU do not.
 LOADED = 1.5
 PEAK_SIZES = (512, 1024, 2048)
 # The two matmul precisions a step can use: float32, and bfloat16 operands with float32
@@ -123,11 +142,16 @@ def bf16_matmul_hardware() -> bool:
   return jax.default_backend() != "cpu" or "avx512_bf16" in cpu_flags()
 
 
-def load_record(start, end, limit: float = LOADED) -> dict:
-  """The 1-minute load averages around a measurement, and whether either exceeded
-  `limit` (`loaded`: absolute rates and MFU of that run are not the machine's)."""
+def load_record(start, end, limit: float = LOADED, own: Optional[int] = None) -> dict:
+  """The 1-minute load averages around a measurement, and whether other work shared
+  the cores (`loaded`: absolute rates and MFU of that run are not the machine's): the
+  load before it above `limit`, or after it above `limit` + `own`, the threads the
+  measurement itself kept running (default: every core; a benchmark that keeps 2 cores
+  busy ends at a load near 2 with nothing else running)."""
+  own = os.cpu_count() if own is None else own
   return dict(load_average_start=list(start), load_average_end=list(end),
-              loaded=bool(max(start[0], end[0]) > limit), loaded_above=limit)
+              loaded=bool(start[0] > limit or end[0] > limit + own), loaded_above=limit,
+              loaded_above_after=limit + own)
 
 
 def finish_machine(record: dict, start: float) -> None:
@@ -145,7 +169,12 @@ def _xla_matmul(dtype: str, n: int):
 
 
 def _torch_matmul(dtype: str, n: int):
+  """torch's n x n matmul, or None for bf16 on a CPU without AVX512_BF16: there it runs
+  on one thread at a few GFLOP/s, is never the peak, and a probe call of it took most
+  of a benchmark's time."""
   import torch  # pylint: disable=g-import-not-at-top
+  if dtype == "bfloat16" and not bf16_matmul_hardware():
+    return None
   a = torch.randn(n, n).to(getattr(torch, dtype))  # bf16 @ bf16 accumulates in f32 (oneDNN).
   return lambda: a @ a
 
@@ -160,15 +189,17 @@ class PeakProbe:
   matmul timed before the steps under load gave a peak 2.8x too low.
 
   `frameworks` maps a name to make(dtype, n) -> a no-argument callable that runs (and
-  finishes) that matmul; `clock` is the timer.
+  finishes) that matmul, or None where that framework does not take part at `dtype`;
+  `clock` is the timer.
   """
 
   def __init__(self, sizes=PEAK_SIZES, dtypes=PEAK_DTYPES, frameworks=None,
                clock=time.perf_counter):
     frameworks = frameworks or {"xla": _xla_matmul}
     self._clock = clock
-    self._runs = {(fw, dtype, n): make(dtype, n) for fw, make in frameworks.items()
-                  for dtype in dtypes for n in sizes}
+    runs = {(fw, dtype, n): make(dtype, n) for fw, make in frameworks.items()
+            for dtype in dtypes for n in sizes}
+    self._runs = {key: run for key, run in runs.items() if run is not None}
     self.best = {key: 0.0 for key in self._runs}  # FLOP/s per (framework, dtype, size).
     self.calls = 0
 

@@ -66,17 +66,9 @@ except ImportError as e:  # The peers are optional for the library, not here.
       f"this benchmark needs PyTorch and transformers 4.57 ({e}); install the bench "
       "extra: pip install -e .[bench]") from e
 
-_OUT = flags.DEFINE_string("out", "", "JSON file for the results ('' = print only).")
-_QUICK = flags.DEFINE_bool("quick", False,
-                           "~1 minute: a 2-layer model, batch 4, sequence 64, fewer runs.")
-_RUNS = flags.DEFINE_integer("runs", 10, "Timed steps per side (median reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per side after its first.")
-_BF16 = flags.DEFINE_bool("bf16", True, "Also time ponder with dtype=bfloat16 and torch "
-                          "under bf16 autocast.")
-_OLD_DEFAULT = flags.DEFINE_bool(
-    "old_default", True, "Also time ponder's pre-issue-21 default step (system allocator, "
-    "float32, 3-D nn.Dense) in a child process, in the same round robin.")
-_REUSE_MEMORY = flags.DEFINE_bool("reuse_memory", True, "As train.main's --reuse_memory.")
+_FLAGS = common.define_step_flags(
+    quick="~1 minute: a 2-layer model, batch 4, sequence 64, fewer runs.",
+    bf16="Also time ponder with dtype=bfloat16 and torch under bf16 autocast.")
 _DECODE_TOKENS = flags.DEFINE_integer("decode_tokens", 112,
                                       "New tokens per decoding run (after a 16-token prompt).")
 
@@ -226,19 +218,20 @@ def _print_summary(result: dict) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.reuse_memory(_REUSE_MEMORY.value)  # Every in-process side shares the allocator.
+  cli.reuse_memory(_FLAGS.reuse_memory.value)  # Every in-process side shares the allocator.
   logging.set_verbosity(logging.WARNING)
   transformers.logging.set_verbosity_error()  # "Some weights were not used" for the tie.
   torch.set_num_threads(os.cpu_count())  # torch's CPU default can be below the core count.
-  quick = _QUICK.value
-  runs = 3 if quick else _RUNS.value
+  quick = _FLAGS.quick.value
+  runs = 3 if quick else _FLAGS.runs.value
   result = dict(machine=common.machine(torch_version=torch.__version__,
                                        transformers_version=transformers.__version__,
                                        torch_num_threads=torch.get_num_threads()))
   start = time.perf_counter()
   probe = common.peak_probe()
-  training = _training(quick, warmup=1 if quick else _WARMUP.value, runs=runs, probe=probe,
-                       bf16=_BF16.value, old_default=_OLD_DEFAULT.value)
+  training = _training(quick, warmup=1 if quick else _FLAGS.warmup.value, runs=runs,
+                       probe=probe, bf16=_FLAGS.bf16.value,
+                       old_default=_FLAGS.old_default.value)
   decoding = _decoding(step_lib.lm_config(quick),
                        new_tokens=32 if quick else _DECODE_TOKENS.value, runs=runs)
   goal = goals.lm_throughput(training)
@@ -252,7 +245,7 @@ def main(argv):
       goal_needs_mfu=goal["needs_mfu"], goal=goal,
       decode_cache_speedup=decoding["cache_speedup"])
   common.finish_machine(result["machine"], start)
-  common.write_json(_OUT.value, result)  # First: a summary that fails loses nothing.
+  common.write_json(_FLAGS.out.value, result)  # First: a summary that fails loses nothing.
   _print_summary(result)
 
 

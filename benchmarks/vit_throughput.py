@@ -62,18 +62,10 @@ except ImportError as e:  # The PyTorch peer is optional for the library, not he
       f"this benchmark needs PyTorch ({e}); install the bench extra: pip install -e .[bench]"
   ) from e
 
-_OUT = flags.DEFINE_string("out", "", "JSON file for the results ('' = print only).")
-_QUICK = flags.DEFINE_bool(
-    "quick", False, "~1 minute: seed config at batch 32, fewer runs, no torch.compile.")
+_FLAGS = common.define_step_flags(
+    quick="~1 minute: seed config at batch 32, fewer runs, no torch.compile.",
+    bf16="Also time ponder with compute_dtype=bfloat16 and torch eager under bf16 autocast.")
 _PRESETS = flags.DEFINE_list("presets", ["seed", "digits"], "Configs to run: seed, digits.")
-_RUNS = flags.DEFINE_integer("runs", 10, "Timed steps per side (median reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per side after its first.")
-_BF16 = flags.DEFINE_bool("bf16", True, "Also time ponder with compute_dtype=bfloat16 and "
-                          "torch eager under bf16 autocast.")
-_OLD_DEFAULT = flags.DEFINE_bool(
-    "old_default", True, "Also time ponder's pre-issue-21 default step (system allocator, "
-    "float32, 3-D nn.Dense) in a child process, in the same round robin.")
-_REUSE_MEMORY = flags.DEFINE_bool("reuse_memory", True, "As train.main's --reuse_memory.")
 
 SEED_CLAIM_FLOPS = 321_558_272  # The seed document's "FLOPs: 321,558,272 (0.32 GFLOPs)".
 QUICK_BATCH = 32
@@ -307,19 +299,20 @@ def _run(presets, *, quick: bool, warmup: int, runs: int, bf16: bool,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.reuse_memory(_REUSE_MEMORY.value)  # Every in-process side shares the allocator.
+  cli.reuse_memory(_FLAGS.reuse_memory.value)  # Every in-process side shares the allocator.
   logging.set_verbosity(logging.WARNING)  # jax logs backend probing at INFO.
   unknown = set(_PRESETS.value) - set(step_lib.VIT_PRESETS)
   if unknown:
     raise errors.unknown_key("preset", sorted(unknown)[0], step_lib.VIT_PRESETS)
-  quick = _QUICK.value
+  quick = _FLAGS.quick.value
   # A fresh inductor cache, so torch.compile's first step is a cold compile every run.
   with tempfile.TemporaryDirectory(prefix="torchinductor_") as cache:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
     result = _run(["seed"] if quick else _PRESETS.value, quick=quick,
-                  warmup=1 if quick else _WARMUP.value, runs=3 if quick else _RUNS.value,
-                  bf16=_BF16.value, old_default=_OLD_DEFAULT.value)
-  common.write_json(_OUT.value, result)  # First: a summary that fails loses nothing.
+                  warmup=1 if quick else _FLAGS.warmup.value,
+                  runs=3 if quick else _FLAGS.runs.value, bf16=_FLAGS.bf16.value,
+                  old_default=_FLAGS.old_default.value)
+  common.write_json(_FLAGS.out.value, result)  # First: a summary that fails loses nothing.
   _print_summary(result)
 
 

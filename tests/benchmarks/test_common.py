@@ -104,11 +104,26 @@ def test_peak_probe_over_frameworks_and_sizes_takes_the_maximum():
   assert probe.peak("float32") == pytest.approx(max(2 * 20 ** 3 / 1.0, 2 * 10 ** 3 / 0.1))
 
 
+def test_peak_probe_skips_a_framework_that_sits_a_precision_out():
+  ran = []
+  probe = common.PeakProbe(sizes=(10,), frameworks={
+      "both": lambda dtype, n: lambda: ran.append(("both", dtype)),
+      "f32_only": lambda dtype, n: (lambda: ran.append(("f32_only", dtype)))
+                                   if dtype == "float32" else None})
+  probe()
+  assert sorted(ran) == [("both", "bfloat16"), ("both", "float32"), ("f32_only", "float32")]
+  assert set(probe.record()["best_flops"]) == {"both/float32/10", "both/bfloat16/10",
+                                               "f32_only/float32/10"}
+
+
 def test_load_record_marks_a_run_above_the_limit():
-  assert not common.load_record((0.4, 1.0, 1.0), (1.5, 1.0, 1.0))["loaded"]
-  assert common.load_record((0.4, 1.0, 1.0), (1.6, 1.0, 1.0))["loaded"]
-  record = common.load_record((2.0, 1.0, 1.0), (0.2, 0.3, 0.4), limit=1.5)
+  # The run's own 2 busy cores raise the load after it by about 2.
+  assert not common.load_record((0.4, 1.0, 1.0), (3.5, 1.0, 1.0), own=2)["loaded"]
+  assert common.load_record((0.4, 1.0, 1.0), (3.6, 1.0, 1.0), own=2)["loaded"]
+  assert common.load_record((0.4, 1.0, 1.0), (1.6, 1.0, 1.0), own=0)["loaded"]
+  record = common.load_record((2.0, 1.0, 1.0), (0.2, 0.3, 0.4), limit=1.5, own=2)
   assert record["loaded"] and record["load_average_end"] == [0.2, 0.3, 0.4]
+  assert record["loaded_above_after"] == 3.5
 
 
 def test_system_allocator_env_drops_only_the_reuse_tunables(monkeypatch):
