@@ -2,13 +2,15 @@
 
   python -m benchmarks.cpu_forms --out=cpu_forms.json [--batch=128 --runs=10]
 
-The seed ViT's (configs/vit.py:cifar10,seed_size) jitted train step with LayerNorm as
-flax computes it (autodiff through mean, variance and their broadcasts) and with
-`ponder.nn.layer_norm` (the closed-form backward), on the same batch from the same
-weights, in round robin (`analysis.measure_interleaved`). Both are compiled from the
-same model file, with `models.vit`'s LayerNorm swapped for the second while it is
-traced. Their final losses agree: a check that they compute the same thing. A form is
-adopted in the models only where this shows it faster (WORKSPACE.md).
+The seed ViT's (configs/vit.py:cifar10,seed_size) jitted train step as the model file
+writes it (flax's LayerNorm: autodiff through mean, variance and their broadcasts;
+flax's dot_product_attention on [batch, seq, heads, dim]) and with one op swapped while
+it is traced: `ponder.nn.layer_norm` (the closed-form backward) or
+`ponder.nn.heads_major_attention` (both attention matmuls on [batch, heads, seq, dim]),
+on the same batch from the same weights, in round robin
+(`analysis.measure_interleaved`). Their final losses agree: a check that they compute
+the same thing. A form is adopted in the models only where this shows it faster
+(WORKSPACE.md).
 """
 
 import time
@@ -21,6 +23,7 @@ from benchmarks import common
 from benchmarks import steps as step_lib
 from models import vit
 from ponder import analysis
+from ponder.nn import heads_major_attention
 from ponder.nn import layer_norm
 from train import cli
 
@@ -30,12 +33,21 @@ _RUNS = flags.DEFINE_integer("runs", 10, "Timed steps per side (median reported)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per side after its first.")
 _REUSE_MEMORY = flags.DEFINE_bool("reuse_memory", True, "As train.main's --reuse_memory.")
 
-FORMS = {"flax_layer_norm": None, "closed_form_layer_norm": layer_norm.LayerNorm}
+# name: None (the model as written) or (the flax.linen attribute swapped, its stand-in).
+FORMS = {
+    "flax_forms": None,
+    "closed_form_layer_norm": ("LayerNorm", layer_norm.LayerNorm),
+    "heads_major_attention": ("dot_product_attention",
+                              heads_major_attention.dot_product_attention),
+}
+BASE = "flax_forms"
 
 
 def _step(form, batch_size: int):
-  with mock.patch.object(vit.nn, "LayerNorm", form or vit.nn.LayerNorm):
-    return step_lib.vit_step("seed", batch_size, "float32")  # Traced and compiled here.
+  if form is None:
+    return step_lib.vit_step("seed", batch_size, "float32")
+  with mock.patch.object(vit.nn, *form):  # Traced and compiled inside.
+    return step_lib.vit_step("seed", batch_size, "float32")
 
 
 def run(batch_size: int, *, warmup: int, runs: int) -> dict:
@@ -52,7 +64,7 @@ def run(batch_size: int, *, warmup: int, runs: int) -> dict:
   for name, timing in analysis.measure_interleaved(steps, warmup=warmup, runs=runs).items():
     out[name].update(timing, final_loss=float(out[name]["final_loss"]),
                      images_per_s=batch_size / timing["median_s"])
-  base = out["flax_layer_norm"]["images_per_s"]
+  base = out[BASE]["images_per_s"]
   for name in out:
     out[name]["speedup"] = out[name]["images_per_s"] / base
   result.update(forms=out)
