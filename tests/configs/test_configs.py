@@ -36,7 +36,10 @@ SMOKE = {
     "gpt2_lm.py": {"wikitext2,smoke": None, "shakespeare,smoke": None},
     # The synthetic preset generates its data; adaptive exercises PonderTTT's two passes.
     "ttt_lm.py": {"synthetic,smoke": None, "synthetic,smoke,mode=adaptive": None,
-                  "wikitext2,smoke,k=2": None, "shakespeare,smoke,mode=skip": None},
+                  "wikitext2,smoke,k=2": None, "shakespeare,smoke,mode=skip": None,
+                  # The long-context presets and the recall task (issue 16).
+                  "recall,smoke": None, "shakespeare_long,smoke": None,
+                  "wikitext2_long,smoke": None},
     # SST-2 smokes read the slice packaged in ponder/data/assets/samples (sample:sst2)
     # with a vocabulary of its words and random init: offline, no MiniLM package. One
     # BERT and one DAN under the dendrite tracker (tests/train/test_phases.py runs its
