@@ -92,6 +92,9 @@ def get_config(arg=None):
       qkv_bias=True,                # bias on the qkv projection
       dropout=0.0,                  # dropout on attention, MLP and embeddings
       num_branches=4,               # dendritic branches per gate (the seed: 4)
+      # Every dense matmul's operands: float32 | bfloat16 (f32 accumulation and params;
+      # as configs/vit.py).
+      compute_dtype=common.default_compute_dtype(),
   )
   c.model.update(p["model"])
   # The seed's sizes at its width 256 (branch hidden 64, CfC backbone 128), kept in

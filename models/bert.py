@@ -17,7 +17,10 @@ Beyond the forward pass, what later experiments need (as models/gpt2.py):
     (Michel et al. 2019).
   * `output_hidden_states` / `output_attentions` return every layer's hidden states and
     attention probabilities, for distillation and analysis.
-  * `dtype` is the computation dtype; parameters stay float32, softmax runs in float32.
+  * `dtype` is the matmul operand dtype (float32 | bfloat16): every dense layer and the
+    masked-LM output layer multiply bf16 operands into float32 results forward and
+    backward (`ponder.nn.dense`); parameters, embeddings, LayerNorm, softmax and the
+    activations between layers stay float32.
   * `from_hf` / `to_hf` read and write Hugging Face checkpoint directories (config.json
     + model.safetensors, PyTorch or Flax key names, with or without the `bert.` prefix)
     without torch; a hub id is fetched with huggingface_hub when online.
@@ -60,6 +63,7 @@ from ponder import errors
 from ponder import hf_checkpoint
 from ponder import plasticity
 from ponder.analysis import heads as heads_lib
+from ponder.nn import dense as dense_lib
 from ponder.nn import perforated
 from ponder.nn import perforation as attention_perforation
 import ponder.ops
@@ -206,31 +210,30 @@ def dendrite_spec(num_dendrites: int, targets) -> perforated.DendriteSpec:
 
 def _dense(parent: nn.Module, cfg: BertConfig, features: int, name: str,
            dtype: Any) -> nn.Module:
-  """nn.Dense, or a DendriticDense where `cfg.dendrites` matches the layer's path."""
-  return perforated.dense(parent, features, name=name, spec=cfg.dendrites, dtype=dtype,
+  """A Dense (matmul operands in `dtype`), or a DendriticDense where `cfg.dendrites`
+  matches the layer's path."""
+  return perforated.dense(parent, features, name=name, spec=cfg.dendrites, compute_dtype=dtype,
                           kernel_init=nn.initializers.normal(cfg.initializer_range))
 
 
-def _layer_norm(cfg: BertConfig, dtype: Any) -> nn.LayerNorm:
-  return nn.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="LayerNorm")
+def _layer_norm(cfg: BertConfig) -> nn.LayerNorm:
+  return nn.LayerNorm(cfg.layer_norm_eps, name="LayerNorm")  # float32 (module doc)
 
 
 class Embeddings(nn.Module):
   """Sec. 3.2 / Fig. 2: E = E_token + E_position + E_segment, then LayerNorm, dropout."""
   config: BertConfig
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids, *, train: bool):
     cfg = self.config
     init = nn.initializers.normal(cfg.initializer_range)
-    embed = lambda n, name: nn.Embed(n, cfg.hidden_size, dtype=self.dtype,
-                                     embedding_init=init, name=name)
+    embed = lambda n, name: nn.Embed(n, cfg.hidden_size, embedding_init=init, name=name)
     positions = jnp.arange(input_ids.shape[1])
     x = (embed(cfg.vocab_size, "word_embeddings")(input_ids)
          + embed(cfg.max_position_embeddings, "position_embeddings")(positions)[None]
          + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
-    x = _layer_norm(cfg, self.dtype)(x)
+    x = _layer_norm(cfg)(x)
     return nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)(x)
 
 
@@ -312,7 +315,7 @@ class SelfAttention(nn.Module):
     dropout = train and cfg.attention_probs_dropout_prob > 0
     if n == 0:  # Every head pruned: the sub-block adds only its output dense's bias.
       probs = jnp.zeros((b, 0, t, t), jnp.float32)
-      out = jnp.zeros((b, t, 0, cfg.head_dim), self.dtype)
+      out = jnp.zeros((b, t, 0, cfg.head_dim), jnp.float32)
     elif return_probs or dropout:
       scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.head_dim)
       scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
@@ -341,7 +344,7 @@ class DenseResidualNorm(nn.Module):
     cfg = self.config
     h = _dense(self, cfg, cfg.hidden_size, "dense", self.dtype)(h)
     h = nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)(h)
-    return _layer_norm(cfg, self.dtype)(h + residual)
+    return _layer_norm(cfg)(h + residual)
 
 
 class Attention(nn.Module):
@@ -465,7 +468,7 @@ class Bert(nn.Module):
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     if token_type_ids is None:
       token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
-    x = Embeddings(cfg, self.dtype, name="embeddings")(input_ids, token_type_ids, train=train)
+    x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, train=train)
     x, hidden, attentions = Encoder(cfg, self.dtype, name="encoder")(
         x, attention_mask.astype(bool), head_mask=head_mask, train=train,
         return_probs=output_attentions, perforation=perforation)
@@ -519,9 +522,9 @@ class MaskedLMHead(nn.Module):
   def __call__(self, h, word_table):
     cfg = self.config
     h = ACTIVATIONS[cfg.hidden_act](_dense(self, cfg, cfg.hidden_size, "transform", self.dtype)(h))
-    h = _layer_norm(cfg, self.dtype)(h)
+    h = _layer_norm(cfg)(h)
     bias = self.param("bias", nn.initializers.zeros, (cfg.vocab_size,))
-    return (h @ word_table.T.astype(h.dtype)).astype(jnp.float32) + bias
+    return dense_lib.attend(h, word_table, self.dtype) + bias
 
 
 class BertForMaskedLM(nn.Module):
@@ -614,8 +617,7 @@ class DAN(nn.Module):
       raise errors.ShapeError(f"input_ids must be [batch, seq]; got {input_ids.shape}.")
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    table = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=self.dtype,
-                     embedding_init=nn.initializers.normal(cfg.initializer_range),
+    table = nn.Embed(cfg.vocab_size, cfg.embed_dim, embedding_init=nn.initializers.normal(cfg.initializer_range),
                      name="word_embeddings")
     x = table(input_ids)
     if cfg.freeze_embeddings:
@@ -629,10 +631,10 @@ class DAN(nn.Module):
     for i in range(cfg.num_hidden_layers):
       z = nn.Dropout(cfg.dropout, deterministic=not train)(z)
       z = act(perforated.dense(self, cfg.hidden_size, name=f"hidden_{i}", spec=cfg.dendrites,
-                               dtype=self.dtype)(z))
+                               compute_dtype=self.dtype)(z))
     z = nn.Dropout(cfg.dropout, deterministic=not train)(z)
     return perforated.dense(self, cfg.num_labels, name="classifier", spec=cfg.dendrites,
-                            dtype=self.dtype)(z).astype(jnp.float32)
+                            compute_dtype=self.dtype)(z)
 
 
 DSN = DAN  # The seed's name.

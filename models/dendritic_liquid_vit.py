@@ -14,7 +14,9 @@ Three published pieces, each a tested block in `ponder/nn/`:
 
 Both models are a `vit.ViT` (same fields, its `embed_patches`, `encode` block loop and
 `classify` head, so the same parameter names `embed`, `block{l}`, `ln_final`, `head`)
-with a hook around each block: a ViT's parameters are a subset of theirs.
+with a hook around each block: a ViT's parameters are a subset of theirs. The ViT's
+`compute_dtype` reaches the gates, the predictors, the CfC cell and the liquid output
+projections too: every dense matmul takes bf16 operands with float32 accumulation.
 
 `DendriticViT` (the ablation: gates, no pruning). Before every block l a gate scores
 the tokens, a^l = DendriticGate_l(z^{l-1}) [batch, n]. Nothing is pruned. The
@@ -114,7 +116,8 @@ class DendriticViT(vit.ViT):
     importances = []
 
     def gated_block(l, x, block):
-      a = dendrites.DendriticGate(self.num_branches, self.hidden_dim, name=f"gate{l}")(x)
+      a = dendrites.DendriticGate(self.num_branches, self.hidden_dim,
+                                  compute_dtype=self.compute_dtype, name=f"gate{l}")(x)
       importances.append(a)
       y = block(x)
       if self.scale_residual:
@@ -225,7 +228,8 @@ class DendriticLiquidViT(vit.ViT):
       hard = token_pruning.use_hard_mask(step, soft_warmup_steps=self.soft_warmup_steps)
     x = self.embed_patches(images, train=train)
     b, n, _ = x.shape
-    cell = cfc_lib.CfCCell(self.width, self.cfc_backbone_units, mode=self.cfc_mode, name="cfc")
+    cell = cfc_lib.CfCCell(self.width, self.cfc_backbone_units, mode=self.cfc_mode,
+                           compute_dtype=self.compute_dtype, name="cfc")
     mask = jnp.ones((b, n), x.dtype)  # D^0: everything kept.
     h = jnp.zeros_like(x)  # Liquid state h^0.
     positions = jnp.broadcast_to(jnp.arange(n), (b, n))  # Each token's index in the input.
@@ -237,11 +241,13 @@ class DendriticLiquidViT(vit.ViT):
       nonlocal mask, h, positions
       if l in stages:
         s = stages.index(l)
-        u = dendrites.DendriticGate(self.num_branches, self.hidden_dim, name=f"gate{s}")(
-            x, score=True)
+        u = dendrites.DendriticGate(self.num_branches, self.hidden_dim,
+                                    compute_dtype=self.compute_dtype, name=f"gate{s}")(
+                                        x, score=True)
         importances.append(nn.sigmoid(u))
-        pi = token_pruning.TokenPredictor(keep_bias=self.keep_bias, name=f"predictor{s}")(
-            x, mask)  # Eq. 1-5.
+        pi = token_pruning.TokenPredictor(keep_bias=self.keep_bias,
+                                          compute_dtype=self.compute_dtype,
+                                          name=f"predictor{s}")(x, mask)  # Eq. 1-5.
         alpha = self.param(f"gate_scale{s}", nn.initializers.constant(self.gate_scale_init),
                            ())
         pi = pi.at[..., token_pruning.KEEP].add(alpha * u)  # Tempered odds product.
@@ -265,7 +271,7 @@ class DendriticLiquidViT(vit.ViT):
       if self.liquid_blocks == "all" or l in stages:
         h = cell(y, h, (l + 1) / self.depth)
         y = y + dense.Dense(self.width, kernel_init=nn.initializers.zeros,
-                         name=f"liquid_out{l}")(h)
+                            compute_dtype=self.compute_dtype, name=f"liquid_out{l}")(h)
       return y
 
     x = self.encode(x, train=train, hook=liquid_block)

@@ -76,6 +76,7 @@ from jax import lax
 
 from models import gpt2
 from ponder import errors
+from ponder.nn import dense as dense_lib
 from ponder.nn import spiking
 
 MIN_VALUE = -1e38  # The CUDA kernel's initial p: e^{p - anything} = 0.
@@ -178,16 +179,17 @@ class RWKVState:
   lif: dict
 
 
-def init_state(cfg: RWKVConfig, batch_size: int, dtype: Any = jnp.float32) -> RWKVState:
-  """The state before the first token (shift inputs zero, WKV sums empty)."""
+def init_state(cfg: RWKVConfig, batch_size: int) -> RWKVState:
+  """The state before the first token (shift inputs zero, WKV sums empty), float32."""
   l, c, a = cfg.n_layer, cfg.n_embd, cfg.att_dim
   zeros = jnp.zeros((l, batch_size, a), jnp.float32)
   lif = {}
   if cfg.spike == "lif":
-    lif = {s: jnp.zeros((l, batch_size, cfg.site_width(s)), dtype) for s in cfg.spike_sites}
-  return RWKVState(att_x=jnp.zeros((l, batch_size, c), dtype), aa=zeros, bb=zeros,
+    lif = {s: jnp.zeros((l, batch_size, cfg.site_width(s)), jnp.float32)
+           for s in cfg.spike_sites}
+  return RWKVState(att_x=jnp.zeros((l, batch_size, c), jnp.float32), aa=zeros, bb=zeros,
                    pp=jnp.full((l, batch_size, a), MIN_VALUE, jnp.float32),
-                   ffn_x=jnp.zeros((l, batch_size, c), dtype), lif=lif)
+                   ffn_x=jnp.zeros((l, batch_size, c), jnp.float32), lif=lif)
 
 
 # --- WKV ---------------------------------------------------------------------------------
@@ -303,8 +305,8 @@ class _Projections(nn.Module):
     """`x @ W_name` (no bias), spiking x first when `site` is spiked; returns (y, lif)."""
     cfg = self.config
     if site not in cfg.spiked_sites:
-      return nn.Dense(features, use_bias=False, dtype=self.dtype, kernel_init=init,
-                      name=name)(x), lif
+      return dense_lib.Dense(features, use_bias=False, compute_dtype=self.dtype,
+                             kernel_init=init, name=name)(x), lif
     layer = spiking.SpikingDense(
         features, spike=cfg.spike, matmul=cfg.spike_matmul, kernel_init=init,
         alpha_init=cfg.spike_alpha_init, theta_init=cfg.spike_theta_init,
@@ -395,19 +397,22 @@ class Block(nn.Module):
     eps = cfg.layer_norm_epsilon
     att_x, wkv_state, ffn_x, lif = state
     if self.layer_id == 0:
-      x = nn.LayerNorm(eps, dtype=self.dtype, name="ln0")(x)
+      x = nn.LayerNorm(eps, name="ln0")(x)
     dx, att_x, wkv_state, lif = TimeMix(cfg, self.dtype, self.layer_id, name="att")(
-        nn.LayerNorm(eps, dtype=self.dtype, name="ln1")(x), att_x, wkv_state, lif)
+        nn.LayerNorm(eps, name="ln1")(x), att_x, wkv_state, lif)
     x_in, x = x, x + dx
     dx, ffn_x, lif = ChannelMix(cfg, self.dtype, self.layer_id, name="ffn")(
-        nn.LayerNorm(eps, dtype=self.dtype, name="ln2")(x), ffn_x, lif)
+        nn.LayerNorm(eps, name="ln2")(x), ffn_x, lif)
     return x + dx, (att_x, wkv_state, ffn_x, lif), x_in
 
 
 class RWKV(nn.Module):
   """RWKV-4 language model: token ids [batch, seq] -> logits [batch, seq, vocab]."""
   config: RWKVConfig
-  dtype: Any = jnp.float32  # Computation dtype; parameters and WKV stay float32.
+  # Matmul operand dtype (float32 | bfloat16): the projections and the head multiply
+  # bf16 operands into float32 results (`ponder.nn.dense`); parameters, embeddings,
+  # LayerNorms, WKV, spikes and the state stay float32.
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, input_ids, *, state: Optional[RWKVState] = None,
@@ -431,13 +436,13 @@ class RWKV(nn.Module):
     b = input_ids.shape[0]
     given = state is not None
     if state is None:
-      state = init_state(cfg, b, self.dtype)
+      state = init_state(cfg, b)
     if state.att_x.shape[:2] != (cfg.n_layer, b):
       raise errors.ShapeError(
           f"state is for {state.att_x.shape[:2]} (layers, batch); input needs "
           f"{(cfg.n_layer, b)}.")
     scale = cfg.emb_init_scale
-    x = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=self.dtype, name="emb",
+    x = nn.Embed(cfg.vocab_size, cfg.n_embd, name="emb",
                  embedding_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(
                      key, shape, dtype, -scale, scale))(input_ids)
     hidden, new = [], {k: [] for k in ("att_x", "aa", "bb", "pp", "ffn_x")}
@@ -454,9 +459,10 @@ class RWKV(nn.Module):
         new[name].append(value)
       for s in new_lif:
         new_lif[s].append(lif[s])
-    logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, name="head",
-                      kernel_init=_orthogonal(cfg.n_embd, cfg.vocab_size, 0.5))(
-        nn.LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_out")(x))
+    logits = dense_lib.Dense(cfg.vocab_size, use_bias=False, compute_dtype=self.dtype,
+                             name="head",
+                             kernel_init=_orthogonal(cfg.n_embd, cfg.vocab_size, 0.5))(
+        nn.LayerNorm(cfg.layer_norm_epsilon, name="ln_out")(x))
     aux = {}
     if output_hidden_states:
       aux["hidden_states"] = jnp.stack(hidden)
@@ -482,7 +488,7 @@ def _generate(model, params, prompt, key, *, max_new_tokens, temperature, top_k,
   tokens = jnp.zeros((b, p + max_new_tokens), jnp.int32).at[:, :p].set(prompt)
   state = None
   if use_state:
-    state = init_state(model.config, b, model.dtype)
+    state = init_state(model.config, b)
     if p > 1:  # The last prompt token is fed by the first loop step.
       state = model.apply(variables, prompt[:, :-1], state=state)[1]["state"]
 

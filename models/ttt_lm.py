@@ -226,7 +226,7 @@ class WindowAttention(nn.Module):
     cfg = self.config
     b, t, _ = x.shape
     h, hd = cfg.n_head, cfg.head_dim
-    dense = lambda n, name, std: dense_lib.Dense(n, dtype=self.dtype, name=name,
+    dense = lambda n, name, std: dense_lib.Dense(n, compute_dtype=self.dtype, name=name,
                                                  kernel_init=nn.initializers.normal(std))
     qkv = dense(3 * h * hd, "c_attn", 0.02)(x)
     q, k, v = (y[:, :, 0] for y in jnp.split(qkv.reshape(b, t, 3, h, hd), 3, axis=2))
@@ -288,7 +288,7 @@ class TTTBlock(nn.Module):
     cfg = self.config
     eps = cfg.layer_norm_epsilon
     dropout = nn.Dropout(cfg.resid_pdrop, deterministic=not train)
-    norm = lambda name: nn.LayerNorm(eps, dtype=self.dtype, name=name)
+    norm = lambda name: nn.LayerNorm(eps, name=name)
     new_cache = {}
 
     def attend(h):
@@ -337,7 +337,7 @@ def init_cache(model: "TTTLM", params, batch_size: int, max_len: int) -> TTTLMCa
   for i in range(cfg.n_layer):
     layer = {}
     if i not in cfg.ttt_positions or cfg.ttt_mode == "add":
-      kv = jnp.zeros((batch_size, max_len, cfg.n_head, cfg.head_dim), model.dtype)
+      kv = jnp.zeros((batch_size, max_len, cfg.n_head, cfg.head_dim), jnp.float32)
       layer["kv"] = (kv, kv)
     if i in cfg.ttt_positions:
       layer["ttt"] = ttt.init_decode_state(ttt_layer(cfg, model.dtype, None),
@@ -356,7 +356,11 @@ class TTTLM(nn.Module):
   static int k, and returns (logits [batch, 1, vocab], new cache); the logits equal the
   full sequence's at that position."""
   config: TTTLMConfig
-  dtype: Any = jnp.float32  # Computation dtype; parameters stay float32.
+  # Matmul operand dtype (float32 | bfloat16): dense layers, the TTT layers' projections
+  # and the tied output layer multiply bf16 operands into float32 results
+  # (`ponder.nn.dense`); parameters, embeddings, LayerNorms, softmax, the inner loop and
+  # the caches stay float32.
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, input_ids, *, train: bool = False, steps=None, ttt_lr_mult=1.0,
@@ -388,9 +392,9 @@ class TTTLM(nn.Module):
                                   f"{input_ids.shape}, got {jnp.shape(steps)}.")
         steps = jnp.pad(jnp.asarray(steps), ((0, 0), (0, padded - t)))
 
-    wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=self.dtype,
-                   embedding_init=nn.initializers.normal(0.02), name="wte")
-    wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=self.dtype,
+    wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=nn.initializers.normal(0.02),
+                   name="wte")
+    wpe = nn.Embed(cfg.n_positions, cfg.n_embd,
                    embedding_init=nn.initializers.normal(0.01), name="wpe")
     embed_dropout = nn.Dropout(cfg.embd_pdrop)
     # Plain blocks are GPT-2's, or with a window TTTBlock(has_ttt=False): same names.
@@ -398,7 +402,7 @@ class TTTLM(nn.Module):
               else TTTBlock(cfg, self.dtype, has_ttt=False, name=f"h_{i}")
               if cfg.attn_window or cache is not None
               else gpt2.Block(cfg, self.dtype, name=f"h_{i}") for i in range(cfg.n_layer)]
-    ln_f = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_f")
+    ln_f = nn.LayerNorm(cfg.layer_norm_epsilon, name="ln_f")
 
     def forward(steps, train, layer_caches=None):
       # The same module instances on every call: both passes of "adaptive" share weights.
@@ -416,7 +420,8 @@ class TTTLM(nn.Module):
         else:
           x, _, _ = block(x, positions=positions, gate=None, kv_cache=None, train=train,
                           return_probs=False)
-      return wte.attend(ln_f(x)).astype(jnp.float32), new_caches  # Tied output layer.
+      # The tied output layer.
+      return dense_lib.attend(ln_f(x), wte.embedding, self.dtype), new_caches
 
     if cache is not None:
       logits, layers = forward(steps, train, cache.layers)

@@ -40,7 +40,8 @@ the blocks of a Transformer (models/dendritic_liquid_vit.py), or a learned per-t
 time `[..., tokens, 1]`. It must be >= 0 and broadcast against `[..., features]`.
 """
 
-from typing import Callable
+import functools
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -68,12 +69,15 @@ class CfCCell(nn.Module):
     backbone_layers: number of Dense + activation layers in the shared backbone.
     mode: "default" (the CfC of Eq. 10), "no_gate" or "pure" (Eq. 2).
     backbone_activation: the backbone nonlinearity (LeCun tanh, as in the paper's code).
+    compute_dtype: operand dtype of the dense layers' matmuls (`ponder.nn.dense`;
+      None = float32); the state update runs in float32.
   """
   features: int
   backbone_units: int = 128
   backbone_layers: int = 1
   mode: str = "default"
   backbone_activation: Callable = lecun_tanh
+  compute_dtype: Optional[Any] = None
 
   @nn.compact
   def __call__(self, x, h, t):
@@ -86,18 +90,19 @@ class CfCCell(nn.Module):
     if h.shape[-1] != self.features:
       raise errors.ShapeError(
           f"state h has {h.shape[-1]} features but the cell has features={self.features}")
+    linear = functools.partial(dense.Dense, compute_dtype=self.compute_dtype)
     z = jnp.concatenate([x, h], axis=-1)
     for i in range(self.backbone_layers):
-      z = self.backbone_activation(dense.Dense(self.backbone_units, name=f"backbone{i}")(z))
-    ff1 = dense.Dense(self.features, name="ff1")(z)
+      z = self.backbone_activation(linear(self.backbone_units, name=f"backbone{i}")(z))
+    ff1 = linear(self.features, name="ff1")(z)
     if self.mode == "pure":
       w_tau = self.param("w_tau", nn.initializers.zeros, (self.features,))
       a = self.param("A", nn.initializers.ones, (self.features,))
       # Eq. 2 with x_0 = 0: (0 - A) exp(-[w_tau + f] t) f + A, with f = W_1 z.
       return -a * jnp.exp(-t * (jnp.abs(w_tau) + jnp.abs(ff1))) * ff1 + a
-    ff2 = dense.Dense(self.features, name="ff2")(z)
-    time_a = dense.Dense(self.features, name="time_a")(z)
-    time_b = dense.Dense(self.features, name="time_b")(z)
+    ff2 = linear(self.features, name="ff2")(z)
+    time_a = linear(self.features, name="time_a")(z)
+    time_b = linear(self.features, name="time_b")(z)
     sigma = nn.sigmoid(time_a * t + time_b)  # The time-continuous gate of Eq. 10.
     if self.mode == "no_gate":
       return jnp.tanh(ff1) + sigma * jnp.tanh(ff2)

@@ -23,10 +23,12 @@ ViT's exact GELU unless `activation` says otherwise.
 """
 
 import functools
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from ponder.nn import dense
 
 
 class DendriticGate(nn.Module):
@@ -38,6 +40,8 @@ class DendriticGate(nn.Module):
     bias_init: initial value of every branch's output bias, i.e. of the bias added
       after the max (+2.0: importance about 0.88 at initialisation).
     activation: the branch nonlinearity (exact GELU, as in `models.vit.MlpBlock`).
+    compute_dtype: operand dtype of the hidden layers' matmul (`ponder.nn.dense`;
+      None = float32); the somatic sum and max run in float32.
 
   Parameters (all branches stored together, one matmul for the hidden layers):
     dendrites/kernel [dim, num_branches, hidden_dim], dendrites/bias [num_branches,
@@ -47,6 +51,7 @@ class DendriticGate(nn.Module):
   hidden_dim: int = 64
   bias_init: float = 2.0
   activation: Callable = functools.partial(nn.gelu, approximate=False)
+  compute_dtype: Optional[Any] = None
 
   @nn.compact
   def __call__(self, x, *, score: bool = False):
@@ -54,7 +59,9 @@ class DendriticGate(nn.Module):
     `score=True` to the raw somatic score u = max_k branch_k(x) whose sigmoid it is (the
     importance's log-odds, unbounded: a caller that needs log-odds uses u itself rather
     than log(a / (1 - a)), which saturates in float32 beyond |u| ~ 17)."""
-    hidden = nn.DenseGeneral((self.num_branches, self.hidden_dim), name="dendrites")(x)
+    hidden = nn.DenseGeneral((self.num_branches, self.hidden_dim),
+                             dot_general=dense.dot_general(self.compute_dtype),
+                             name="dendrites")(x)
     hidden = self.activation(hidden)
     # One output unit per branch: fan-in is the branch's hidden width (in_axis=-1).
     soma_kernel = self.param(

@@ -47,6 +47,38 @@ def compute_dtype(name: Any) -> jnp.dtype:
   return dtype
 
 
+def cpu_flags() -> set:
+  """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      lines = [line for line in f if line.startswith("flags")]
+  except OSError:  # Not Linux.
+    lines = []
+  return set(lines[0].split(":", 1)[1].split()) if lines else set()
+
+
+def bf16_matmul_hardware() -> bool:
+  """Whether bfloat16 matmuls can beat float32 here: an accelerator, or a CPU with
+  AVX512_BF16 (without it XLA:CPU converts bf16 to f32 and runs slower than f32)."""
+  return jax.default_backend() != "cpu" or "avx512_bf16" in cpu_flags()
+
+
+def default_compute_dtype() -> str:
+  """The configs' default: bfloat16 on GPU and TPU, float32 on every CPU. (With
+  AVX512_BF16 a CPU's bf16 matmul peak is higher, but no bf16 train step has been
+  measured faster than float32 on one: WORKSPACE.md, "CPU speed".)"""
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def slow_dtype_warning(name: Any) -> Optional[str]:
+  """A sentence for the log when `name` asks for bf16 where it runs slower than
+  float32 (a CPU without AVX512_BF16); None otherwise."""
+  if compute_dtype(name) == jnp.float32 or bf16_matmul_hardware():
+    return None
+  return ("bfloat16 matmuls on this CPU (no AVX512_BF16) run slower than float32: "
+          "XLA converts them; use compute dtype float32 for speed.")
+
+
 def _dot(a, b, contract):
   return jax.lax.dot_general(a, b, (contract, ((), ())),
                              preferred_element_type=jnp.float32)
@@ -78,17 +110,40 @@ def _matmul_bwd(dtype, residuals, g):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def dense_matmul(x: jax.Array, kernel: jax.Array, dtype: Optional[Any] = None) -> jax.Array:
+  """x [..., in] @ kernel [in, out] -> [..., out], multiplied on [rows, in] (module doc):
+  float32 when `dtype` is None or float32, else `matmul` in `dtype` (float32 result)."""
+  lead = x.shape[:-1]
+  # An explicit row count, not -1: a layer may have no input features (a GPT-2 layer
+  # whose heads were all pruned), and reshape cannot infer -1 from a zero size.
+  rows = x.reshape(math.prod(lead), x.shape[-1])
+  if dtype is None or compute_dtype(dtype) == jnp.float32:
+    y = rows @ kernel
+  else:
+    y = matmul(rows, kernel, compute_dtype(dtype))
+  return y.reshape(*lead, kernel.shape[-1])
+
+
+def dot_general(dtype: Optional[Any] = None):
+  """A `dot_general` for `nn.DenseGeneral(dot_general=...)` with one input axis: x
+  [..., in] against a kernel [in, *features], through `dense_matmul` in `dtype` (the
+  layer keeps DenseGeneral's parameters; the matmul runs on [rows, in])."""
+
+  def dot(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
+    del precision, preferred_element_type  # dense_matmul's arithmetic (module doc).
+    if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())):
+      raise errors.ShapeError("dense.dot_general contracts the inputs' last axis with the "
+                              f"kernel's first only; got {dimension_numbers}.")
+    y = dense_matmul(x, kernel.reshape(kernel.shape[0], -1), dtype)
+    return y.reshape(x.shape[:-1] + kernel.shape[1:])
+
+  return dot
+
+
 def attend(x: jax.Array, embedding: jax.Array, dtype: Optional[Any] = None) -> jax.Array:
   """A tied output layer: x [..., features] against embedding [vocab, features] ->
-  logits [..., vocab]; float32 throughout when `dtype` is None or float32, else `matmul`
-  in `dtype` (float32 logits)."""
-  lead = x.shape[:-1]
-  rows = x.reshape(math.prod(lead), x.shape[-1])
-  if dtype is None or jnp.dtype(dtype) == jnp.float32:
-    logits = rows @ embedding.T
-  else:
-    logits = matmul(rows, embedding.T, jnp.dtype(dtype))
-  return logits.reshape(*lead, embedding.shape[0])
+  logits [..., vocab], in `dense_matmul`'s arithmetic."""
+  return dense_matmul(x, embedding.T, dtype)
 
 
 class Dense(nn.Dense):
@@ -102,21 +157,14 @@ class Dense(nn.Dense):
 
   @nn.compact
   def __call__(self, inputs):
-    lead = inputs.shape[:-1]
-    # An explicit row count, not -1: a layer may have no input features (a GPT-2 layer
-    # whose heads were all pruned), and reshape cannot infer -1 from a zero size.
-    rows = inputs.reshape(math.prod(lead), inputs.shape[-1])
     if self.compute_dtype is None or compute_dtype(self.compute_dtype) == jnp.float32:
-      y = super().__call__(rows)
-    else:
-      y = self._mixed(rows)
-    return y.reshape(*lead, y.shape[-1])
-
-  def _mixed(self, rows):
+      lead = inputs.shape[:-1]
+      y = super().__call__(inputs.reshape(math.prod(lead), inputs.shape[-1]))
+      return y.reshape(*lead, y.shape[-1])
     # nn.Dense's parameters (same names, shapes, initialisers), multiplied by `matmul`.
-    kernel = self.param("kernel", self.kernel_init, (rows.shape[-1], self.features),
+    kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features),
                         self.param_dtype)
-    y = matmul(rows, kernel, compute_dtype(self.compute_dtype))
+    y = dense_matmul(inputs, kernel, self.compute_dtype)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype)
     return y

@@ -70,9 +70,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from ponder import errors
+from ponder.nn import dense as dense_lib
 
 # The package's `candidate_weight_initialization_multiplier` (dendrite weights N(0,1)*0.01).
 INIT_SCALE = 0.01
@@ -93,6 +93,8 @@ class DendriticDense(nn.Module):
     num_dendrites: dendrites k (static; `grow` turns a k-params tree into a k+1 one).
     use_bias: as nn.Dense; a dendrite copies the layer, so it has a bias iff the layer has.
     activation: the dendrite nonlinearity (the package's `pai_forward_function`, sigmoid).
+    compute_dtype: matmul operand dtype, as `ponder.nn.dense.Dense` (None = float32);
+      every matmul runs on [rows, in] inputs, the cascade and the sums in float32.
 
   Parameters: kernel [in, F], bias [F] (as nn.Dense); dendrite_c/{kernel, bias} for
   c < k; u [k, F]; v_c [c, F] for 1 <= c < k.
@@ -100,9 +102,8 @@ class DendriticDense(nn.Module):
   features: int
   num_dendrites: int = 0
   use_bias: bool = True
-  dtype: Optional[Any] = None
+  compute_dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
-  precision: Any = None
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros
   dendrite_init: Callable = nn.initializers.normal(INIT_SCALE)
@@ -114,9 +115,7 @@ class DendriticDense(nn.Module):
                         self.param_dtype)
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
-                        precision=self.precision)
+    y = dense_lib.dense_matmul(x, kernel, self.compute_dtype)
     if bias is not None:
       y = y + bias
     k = self.num_dendrites
@@ -125,10 +124,10 @@ class DendriticDense(nn.Module):
     u = self.param("u", nn.initializers.zeros, (k, self.features), self.param_dtype)
     acts = []
     for c in range(k):
-      z = nn.Dense(self.features, use_bias=self.use_bias, dtype=self.dtype,
-                   param_dtype=self.param_dtype, precision=self.precision,
-                   kernel_init=self.dendrite_init, bias_init=self.dendrite_init,
-                   name=f"dendrite_{c}")(x)
+      z = dense_lib.Dense(self.features, use_bias=self.use_bias,
+                          compute_dtype=self.compute_dtype, param_dtype=self.param_dtype,
+                          kernel_init=self.dendrite_init, bias_init=self.dendrite_init,
+                          name=f"dendrite_{c}")(x)
       if c > 0:
         v = self.param(f"v_{c}", nn.initializers.zeros, (c, self.features),
                        self.param_dtype).astype(z.dtype)
@@ -164,12 +163,13 @@ def dense(parent: nn.Module, features: int, *, name: str,
   """The Dense layer `name` of the bound module `parent`: dendritic where `spec` says.
 
   Call it inside `parent`'s setup or compact __call__; kwargs go to the layer (use_bias,
-  dtype, kernel_init, ...). Without a spec, or off its paths, it is a plain nn.Dense.
+  compute_dtype, kernel_init, ...). Without a spec, or off its paths, it is a
+  `ponder.nn.dense.Dense` (nn.Dense's parameters, on [rows, in] inputs).
   """
   path = "/".join(tuple(parent.path) + (name,))
   if spec is not None and spec.matches(path):
     return DendriticDense(features, num_dendrites=spec.num_dendrites, name=name, **kwargs)
-  return nn.Dense(features, name=name, **kwargs)
+  return dense_lib.Dense(features, name=name, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------

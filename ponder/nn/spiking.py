@@ -53,6 +53,7 @@ from jax import lax
 
 from kernels import ternary as tk
 from ponder import errors
+from ponder.nn import dense as dense_lib
 import ponder.ops
 
 SPIKES = ("ternary", "lif")
@@ -184,7 +185,8 @@ class SpikingDense(nn.Module):
     kernel_init: initialiser of the `[in, out]` kernel.
     alpha_init, theta_init, slope: `TernarySpike`'s.
     lif_tau, lif_threshold, surrogate_alpha: `lif`'s.
-    dtype: computation dtype (parameters stay float32).
+    dtype: operand dtype of the "dense" matmul (float32 | bfloat16, float32 result:
+      `ponder.nn.dense`); the input, spikes, membrane and parameters stay float32.
 
   Parameters: kernel [in, features]; spike/alpha and spike/theta for "ternary".
   The fraction of nonzero spikes is sown as intermediates "spike_rate" (apply with
@@ -208,24 +210,24 @@ class SpikingDense(nn.Module):
       raise errors.unknown_key("spike", self.spike, SPIKES)
     if self.matmul not in MATMULS:
       raise errors.unknown_key("spiking matmul", self.matmul, MATMULS)
-    x = x.astype(self.dtype)
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
-                        jnp.float32).astype(self.dtype)
+                        jnp.float32)
     if self.spike == "ternary":
       unit = TernarySpike(self.alpha_init, self.theta_init, self.slope, name="spike")
       if self.matmul == "packed":
         codes, alpha = unit(x, return_codes=True)
-        y = packed_matmul(codes, alpha.astype(self.dtype)[:, None] * kernel)
+        y = packed_matmul(codes, alpha[:, None] * kernel)
       else:
         codes = None
         s = unit(x)
-        y = s @ kernel
+        y = dense_lib.dense_matmul(s, kernel, self.dtype)
       new_v = None
     else:
       s, new_v = lif(x, v, tau=self.lif_tau, threshold=self.lif_threshold,
                      surrogate_alpha=self.surrogate_alpha)
       codes = s.astype(jnp.int8) if self.matmul == "packed" else None
-      y = packed_matmul(codes, kernel) if codes is not None else s @ kernel
+      y = (packed_matmul(codes, kernel) if codes is not None
+           else dense_lib.dense_matmul(s, kernel, self.dtype))
     fired = (codes != 0) if codes is not None else (s != 0)
     self.sow("intermediates", "spike_rate", jnp.mean(fired.astype(jnp.float32)))
-    return y.astype(self.dtype), new_v
+    return y, new_v

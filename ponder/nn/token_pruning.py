@@ -34,7 +34,7 @@ count, so the blocks after the gather compile to a smaller program.
 
 import functools
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -55,9 +55,12 @@ class TokenPredictor(nn.Module):
     keep_bias: the initial bias of the keep logit (the drop logit's is 0), i.e. a prior
       keep log-odds: 0 is DynamicViT's unbiased start, > 0 starts by keeping most
       tokens, so a pretrained model is not cut abruptly (sigmoid(1) = 0.73).
+    compute_dtype: operand dtype of the dense layers' matmuls (`ponder.nn.dense`;
+      None = float32).
   """
   features: Optional[int] = None
   keep_bias: float = 0.0
+  compute_dtype: Optional[Any] = None
 
   @nn.compact
   def __call__(self, x, keep_mask):
@@ -66,18 +69,19 @@ class TokenPredictor(nn.Module):
     computed but unused: the class token is always kept)."""
     c = self.features or x.shape[-1] // 2
     gelu = functools.partial(nn.gelu, approximate=False)  # As in models.vit.
+    linear = functools.partial(dense.Dense, compute_dtype=self.compute_dtype)
     z = nn.LayerNorm(epsilon=1e-6, name="ln")(x)
-    z = gelu(dense.Dense(c, name="proj")(z))  # MLP(x), Eq. 1.
+    z = gelu(linear(c, name="proj")(z))  # MLP(x), Eq. 1.
     # Agg (Eq. 3): the mean over kept patch tokens, weighted by D_hat.
     weights = keep_mask.at[:, 0].set(0.0)[..., None]
     z_global = jnp.sum(z * weights, axis=1, keepdims=True) / jnp.maximum(
         jnp.sum(weights, axis=1, keepdims=True), 1e-6)
     z = jnp.concatenate([z, jnp.broadcast_to(z_global, z.shape)], axis=-1)  # Eq. 4.
-    z = gelu(dense.Dense(c, name="fc1")(z))
-    z = gelu(dense.Dense(max(c // 2, 1), name="fc2")(z))
+    z = gelu(linear(c, name="fc1")(z))
+    z = gelu(linear(max(c // 2, 1), name="fc2")(z))
     bias_init = lambda key, shape, dtype=jnp.float32: jnp.zeros(shape, dtype).at[KEEP].set(
         self.keep_bias)
-    return dense.Dense(2, bias_init=bias_init, name="logits")(z)  # Eq. 5 before the softmax.
+    return linear(2, bias_init=bias_init, name="logits")(z)  # Eq. 5 before the softmax.
 
 
 def gumbel_temperature(step, *, anneal_steps: int, start: float = 5.0, end: float = 0.1,

@@ -118,6 +118,7 @@ import numpy as np
 from jax import lax
 
 from ponder import errors
+from ponder.nn import dense as dense_lib
 from ponder.nn import ponder_alloc
 
 KINDS = ("linear", "mlp")
@@ -674,7 +675,6 @@ class CausalConv(nn.Module):
   y_t = sum_{i < w} kernel[i] * x_{t - w + 1 + i} + bias, with `prefix` [batch, w - 1,
   features] the inputs before x (zeros at a sequence's start; a decoder's state)."""
   width: int = CONV_WIDTH
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, prefix=None):
@@ -738,6 +738,8 @@ class TTTLayer(nn.Module):
   # branch starts ~0.02 sqrt(width) per unit, far above a GPT-2 residual stream's: models
   # pass their residual-branch scale (0 starts a branch beside attention switched off).
   out_init_std: float = 0.02
+  # Operand dtype of the projections' matmuls (float32 | bfloat16, float32 results:
+  # `ponder.nn.dense`); the views, the inner loop and post_norm run in float32.
   dtype: Any = jnp.float32
 
   def validate(self):
@@ -769,8 +771,8 @@ class TTTLayer(nn.Module):
     if decoding and seq != 1:
       raise errors.ShapeError(f"decoding takes one token at a time, got seq={seq}.")
     init = nn.initializers.normal(self.init_std)
-    dense = functools.partial(nn.Dense, self.width, use_bias=False, kernel_init=init,
-                              dtype=self.dtype)
+    dense = functools.partial(dense_lib.Dense, self.width, use_bias=False, kernel_init=init,
+                              compute_dtype=self.dtype)
 
     def split_heads(y):  # [batch, seq, width] -> [batch, heads, seq, head_dim]
       return y.reshape(batch, seq, heads, head_dim).transpose(0, 2, 1, 3)
@@ -781,7 +783,7 @@ class TTTLayer(nn.Module):
     else:  # The code's TTTLinear/TTTMLP: conv_q and conv_k on one projection.
       xqk = dense(name="wq")(x)
       prefix = decode_state["conv"] if decoding else None
-      conv = functools.partial(CausalConv, self.conv_width, self.dtype)
+      conv = functools.partial(CausalConv, self.conv_width)
       xq, xk = conv(name="conv_q")(xqk, prefix), conv(name="conv_k")(xqk, prefix)
       if decoding:
         new_state["conv"] = jnp.concatenate([prefix, xqk.astype(prefix.dtype)],
@@ -791,7 +793,8 @@ class TTTLayer(nn.Module):
     if self.rope:  # Positions modulo the mini-batch, as the code's get_ttt_inputs.
       pos = jnp.arange(seq) % mb if not decoding else slot[None]
       xq, xk = (apply_rope(y, pos, self.rope_theta) for y in (xq, xk))
-    lr = nn.Dense(heads, kernel_init=init, dtype=self.dtype, name="learnable_ttt_lr")(x)
+    lr = dense_lib.Dense(heads, kernel_init=init, compute_dtype=self.dtype,
+                         name="learnable_ttt_lr")(x)
     eta = (self.base_lr * lr_mult / head_dim) * jax.nn.sigmoid(lr).transpose(0, 2, 1)
     offset = None
     if self.learnable_token_idx:
@@ -845,7 +848,7 @@ class TTTLayer(nn.Module):
             "seq]; got shape "
             f"{jnp.shape(steps)}.")
     z = z.transpose(0, 2, 1, 3).reshape(batch, seq, self.width)
-    z = nn.LayerNorm(dtype=self.dtype, name="post_norm")(z)
+    z = nn.LayerNorm(name="post_norm")(z)
     if self.backbone == "M":  # The code's apply_gate: gelu(x W_g) * post_norm(z).
       z = nn.gelu(dense(name="wg")(x)) * z
     y = dense(name="wo", kernel_init=nn.initializers.normal(self.out_init_std))(z)

@@ -1,5 +1,5 @@
 """ponder.nn.dense.Dense against flax.linen.Dense: same parameters, same values and
-gradients; the vision models' smoke losses and gradients unchanged by it."""
+gradients; every model family's training loss and gradients unchanged by it."""
 
 import chex
 import flax.linen as nn
@@ -8,14 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import dendritic_liquid_vit as dlv_config
-from configs import vit as vit_config
 from ponder.nn import dense
-from train import tasks
+from tests.nn import model_steps
 
-
-def _normal(seed, shape):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+_normal = model_steps.normal
 
 
 @pytest.mark.parametrize("shape", [(5, 8), (3, 7, 8), (2, 3, 4, 8)])
@@ -50,30 +46,12 @@ def test_weight_gradient_needs_no_transposed_copy():
   assert " transpose(" not in hlo
 
 
-_SMOKE = {"vit": (vit_config, "smoke", {}),
-          "dendritic_liquid_vit": (dlv_config, "smoke,scratch", {"step": 50}),
-          "dendritic_vit": (dlv_config, "smoke,variant=dendritic_vit", {})}
-
-
-@pytest.mark.parametrize("name", list(_SMOKE))
-def test_vision_smoke_losses_and_gradients_are_unchanged(name, monkeypatch):
-  config, arg, extra = _SMOKE[name]
-  cfg = config.get_config(arg)
-  model = tasks.build_model(cfg.model, num_classes=10)
-  side = 4 * cfg.model.patch  # 16 patch tokens.
-  batch = {"image": _normal(3, (8, side, side, 1)), "label": jnp.arange(8) % 10}
-  params = jax.jit(lambda k: model.init(k, batch["image"]))(jax.random.key(0))["params"]
-  leaves, tree = jax.tree.flatten(params)  # Non-zero everywhere (the head starts at 0).
-  keys = jax.random.split(jax.random.key(4), len(leaves))
-  params = tree.unflatten([p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-
-  def loss_and_grad():
-    loss = lambda p: tasks.classification_loss(
-        p, batch, jax.random.key(5), model=model, label_smoothing=0.0, train=True, **extra)[0]
-    return jax.jit(jax.value_and_grad(loss))(params)
-
-  loss, grads = loss_and_grad()
+@pytest.mark.parametrize("name", list(model_steps.LOSSES))
+def test_every_model_s_losses_and_gradients_are_unchanged(name, monkeypatch):
+  loss, params, _ = model_steps.LOSSES[name]("float32")
+  value_and_grad = lambda: jax.jit(jax.value_and_grad(loss))(params)
+  value, grads = value_and_grad()
   monkeypatch.setattr(dense, "Dense", dense.FlaxDense)  # Every model's dense layers, as before.
-  reference_loss, reference_grads = loss_and_grad()
-  np.testing.assert_allclose(loss, reference_loss, rtol=1e-6)
+  reference_value, reference_grads = value_and_grad()
+  np.testing.assert_allclose(value, reference_value, rtol=1e-6)
   chex.assert_trees_all_close(grads, reference_grads, atol=1e-6, rtol=1e-5)

@@ -1,6 +1,6 @@
 """ponder.nn.dense in bfloat16: `matmul` against plain-jnp references on the same
-bf16-rounded operands, every bf16 dot of a whole train step (forward and backward)
-accumulating in float32, and bf16 losses and gradients within bf16 rounding of float32."""
+bf16-rounded operands, every bf16 dot of a whole train step (forward and backward) of
+every model family accumulating in float32, and bf16 losses and gradients within bf16 rounding of float32."""
 
 import functools
 import re
@@ -11,18 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import gpt2_lm
-from configs import vit as vit_config
 from ponder import errors
 from ponder.nn import dense
-from train import tasks
+from tests.nn import model_steps
 
 BF16 = jnp.bfloat16
 HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _normal(seed, shape):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+_normal = model_steps.normal
 
 
 def _rounded(a):  # The bf16 value of `a`, held in float32.
@@ -65,51 +60,44 @@ def test_unknown_compute_dtype_is_a_config_error():
     dense.compute_dtype("fp8")
 
 
-def _vit(dtype):
-  cfg = vit_config.get_config("smoke")
-  cfg.model.compute_dtype = dtype
-  model = tasks.build_model(cfg.model, num_classes=10)
-  side = 4 * cfg.model.patch
-  batch = {"image": _normal(5, (8, side, side, 1)), "label": jnp.arange(8) % 10}
-  loss = lambda p: tasks.classification_loss(p, batch, jax.random.key(6), model=model,
-                                             label_smoothing=0.0, train=True)[0]
-  params = model.init(jax.random.key(0), batch["image"])["params"]
-  leaves, tree = jax.tree.flatten(params)  # Non-zero everywhere (the head starts at 0).
-  keys = jax.random.split(jax.random.key(7), len(leaves))
-  params = tree.unflatten([p + 0.1 * jax.random.normal(k, p.shape)
-                           for p, k in zip(leaves, keys)])
-  return loss, params
+def test_default_is_bf16_on_accelerators_and_float32_on_cpu(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert dense.default_compute_dtype() == "float32"
+  for backend in ("gpu", "tpu"):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert dense.default_compute_dtype() == "bfloat16"
+    assert dense.slow_dtype_warning("bfloat16") is None
 
 
-def _gpt2(dtype):
-  cfg = gpt2_lm.get_config("smoke")
-  cfg.model.dtype = dtype
-  model = tasks.build_lm_model(cfg, 96)
-  batch = {"tokens": jnp.asarray(np.random.default_rng(8).integers(0, 96, (4, 17)),
-                                 jnp.int32)}
-  loss = lambda p: tasks.lm_loss(p, batch, jax.random.key(9), model=model, train=True)[0]
-  return loss, model.init(jax.random.key(0), batch["tokens"][:, :-1])["params"]
-
-
-_MODELS = {"vit": (_vit, 4 + 1), "gpt2": (_gpt2, 4 + 1)}  # Dense layers per model.
+def test_bf16_on_a_cpu_without_avx512_bf16_is_warned_about(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  monkeypatch.setattr(dense, "cpu_flags", lambda: {"avx2", "fma"})
+  assert "AVX512_BF16" in dense.slow_dtype_warning("bfloat16")
+  assert dense.slow_dtype_warning("float32") is None
+  monkeypatch.setattr(dense, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+  assert dense.slow_dtype_warning("bfloat16") is None
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(name, dtype):
   """(lowered, compiled value_and_grad, params) of the model's loss; each is compiled
   once for both tests."""
-  loss, params = _MODELS[name][0](dtype)
+  loss, params, layers = model_steps.LOSSES[name](dtype)
   lowered = jax.jit(jax.value_and_grad(loss)).lower(params)
-  return lowered, lowered.compile(), params
+  return lowered, lowered.compile(), params, layers
+
+
+# A spike whose input lies within bf16 rounding of its threshold can flip, and the
+# surrogate gradient of its whole row with it: measured 0.9965 for the ternary RWKV.
+MIN_COSINE = {"rwkv_ternary": 0.99}
 _DOT = re.compile(r"stablehlo\.dot_general .*: \((tensor<[^>]*>), (tensor<[^>]*>)\) -> "
                   r"(tensor<[^>]*>)")
 _COMPILED_DOT = re.compile(r"= (\w+)\[[^\]]*\](?:\{[^}]*\})? (?:dot|custom-call)\(")
 
 
-@pytest.mark.parametrize("name", list(_MODELS))
+@pytest.mark.parametrize("name", list(model_steps.LOSSES))
 def test_every_bf16_dot_of_the_train_step_accumulates_in_float32(name):
-  layers = _MODELS[name][1]
-  lowered, compiled, _ = _compiled(name, "bfloat16")
+  lowered, compiled, _, layers = _compiled(name, "bfloat16")
   dots = _DOT.findall(lowered.as_text())
   low = [d for d in dots if "bf16" in d[0] or "bf16" in d[1]]
   # Each dense layer: its forward dot and the two gradient dots, all bf16 x bf16.
@@ -121,10 +109,10 @@ def test_every_bf16_dot_of_the_train_step_accumulates_in_float32(name):
   assert results and set(results) <= {"f32", "(f32"}, results
 
 
-@pytest.mark.parametrize("name", list(_MODELS))
+@pytest.mark.parametrize("name", list(model_steps.LOSSES))
 def test_bf16_loss_and_gradients_agree_with_float32(name):
-  _, f32, params = _compiled(name, "float32")
-  _, bf16, _ = _compiled(name, "bfloat16")  # Same seeds: the same parameters.
+  _, f32, params, _ = _compiled(name, "float32")
+  _, bf16, _, _ = _compiled(name, "bfloat16")  # Same seeds: the same parameters.
   v32, g32 = f32(params)
   v16, g16 = bf16(params)
   assert g16 is not None and jax.tree.structure(g16) == jax.tree.structure(g32)
@@ -135,5 +123,5 @@ def test_bf16_loss_and_gradients_agree_with_float32(name):
   flat32, flat16 = (jnp.concatenate([g.ravel() for g in jax.tree.leaves(t)])
                     for t in (g32, g16))
   cosine = jnp.dot(flat32, flat16) / (jnp.linalg.norm(flat32) * jnp.linalg.norm(flat16))
-  assert float(cosine) > 0.999, float(cosine)
+  assert float(cosine) > MIN_COSINE.get(name, 0.999), float(cosine)
   np.testing.assert_allclose(jnp.linalg.norm(flat16), jnp.linalg.norm(flat32), rtol=2e-2)
