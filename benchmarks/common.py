@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ponder import errors
+from ponder.nn import dense
 from train import trainer
 
 
@@ -39,8 +40,9 @@ def machine(**extra) -> dict:
   return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
               cpu_count=os.cpu_count(), processor=cpu_name(), jax_version=jax.__version__,
-              load_average_start=os.getloadavg(), glibc_tunables=os.environ.get(
-                  "GLIBC_TUNABLES", ""), bf16_matmul_hardware=bf16_matmul_hardware(), **extra)
+              load_average_start=os.getloadavg(),
+              glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+              bf16_matmul_hardware=dense.bf16_matmul_hardware(), **extra)
 
 
 def define_step_flags(*, quick: str, bf16: str) -> types.SimpleNamespace:
@@ -126,20 +128,16 @@ PEAK_SIZES = (512, 1024, 2048)
 PEAK_DTYPES = ("float32", "bfloat16")
 
 
-def cpu_flags() -> set:
-  """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      lines = [line for line in f if line.startswith("flags")]
-  except OSError:  # Not Linux.
-    lines = []
-  return set(lines[0].split(":", 1)[1].split()) if lines else set()
-
-
-def bf16_matmul_hardware() -> bool:
-  """Whether bfloat16 matmuls can beat float32 here: an accelerator, or a CPU with
-  AVX512_BF16 (without it XLA:CPU converts bf16 to f32 and runs slower than f32)."""
-  return jax.default_backend() != "cpu" or "avx512_bf16" in cpu_flags()
+def torch_bf16_sides(names, out: dict) -> list:
+  """`names` (torch's bf16 autocast sides) where torch's bf16 matmul is fast enough to
+  time; elsewhere (a CPU without AVX512_BF16, where it runs on one thread at about
+  1 GFLOP/s and a ViT step would take hours) records each as skipped in `out`."""
+  if dense.bf16_matmul_hardware():
+    return list(names)
+  for name in names:
+    out[name] = dict(error="skipped: no AVX512_BF16 here, and torch's bf16 CPU matmul "
+                     "then runs on one thread at about 1 GFLOP/s")
+  return []
 
 
 def load_record(start, end, limit: float = LOADED, own: Optional[int] = None) -> dict:
@@ -173,7 +171,7 @@ def _torch_matmul(dtype: str, n: int):
   on one thread at a few GFLOP/s, is never the peak, and a probe call of it took most
   of a benchmark's time."""
   import torch  # pylint: disable=g-import-not-at-top
-  if dtype == "bfloat16" and not bf16_matmul_hardware():
+  if dtype == "bfloat16" and not dense.bf16_matmul_hardware():
     return None
   a = torch.randn(n, n).to(getattr(torch, dtype))  # bf16 @ bf16 accumulates in f32 (oneDNN).
   return lambda: a @ a

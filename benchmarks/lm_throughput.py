@@ -20,7 +20,8 @@ Issue 21's sides, in the same round robin: `ponder_old_default` (the system
 allocator, float32, 3-D `nn.Dense`; a child process, `common.ChildStep`),
 `ponder_chunked_ce` (the tied output layer and cross-entropy `CE_CHUNK` tokens at a
 time, `lm.tied_token_nll`), `ponder_bf16` (dtype=bfloat16: bf16 matmuls with float32
-accumulation forward and backward) beside `torch_bf16` (torch's CPU autocast). The
+accumulation forward and backward) beside `torch_bf16` (torch's CPU autocast; skipped
+without AVX512_BF16, `common.torch_bf16_sides`). The
 other sides share this process's allocator (`--reuse_memory`).
 
 MFU: compiled training FLOPs per step (XLA's count for ponder's step) x steps/s over
@@ -127,7 +128,8 @@ def _training(quick: bool, *, warmup: int, runs: int, probe, bf16: bool,
     hf = transformers.FlaxGPT2LMHeadModel.from_pretrained(directory, from_pt=True)
     steps["hf_flax"], out["hf_flax"] = common.jitted_train_step(
         functools.partial(_hf_flax_loss, model=hf), cfg, hf.params, batch)
-    for side, dtype in [("torch", "float32")] + ([("torch_bf16", "bfloat16")] if bf16 else []):
+    torch_bf16 = common.torch_bf16_sides(["torch_bf16"] if bf16 else [], out)
+    for side, dtype in [("torch", "float32")] + [(side, "bfloat16") for side in torch_bf16]:
       print(f"first step of transformers' PyTorch GPT2LMHeadModel ({dtype}) ...", flush=True)
       steps[side], out[side] = _torch_step(cfg, directory, tokens, total_steps, dtype)
   for side in steps:

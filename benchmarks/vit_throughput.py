@@ -19,7 +19,7 @@ Issue 21's sides, in the same round robin: `ponder_old_default`, ponder's step a
 was before (the system allocator, float32, 3-D `nn.Dense`), run in a child process
 because glibc reads its allocator settings at process start (`common.ChildStep`);
 `ponder_bf16` (compute_dtype=bfloat16) beside `torch_eager_bf16` (torch's CPU
-autocast). Every other side shares this process's allocator (`--reuse_memory`, the
+autocast; skipped without AVX512_BF16, `common.torch_bf16_sides`). Every other side shares this process's allocator (`--reuse_memory`, the
 trainer's default). `cpu_speed` holds the ratios (`goals.cpu_speed`), and
 `ponder.top_ops` where the step's time goes (`common.op_breakdown`).
 
@@ -133,7 +133,8 @@ def _run_preset(name: str, *, quick: bool, warmup: int, runs: int, probe, bf16: 
     steps["ponder_old_default"], out["ponder_old_default"] = child, child.info
   sides = [("torch_eager", False, "float32")]
   sides += [] if quick else [("torch_compile", True, "float32")]
-  sides += [("torch_eager_bf16", False, "bfloat16")] if bf16 else []
+  sides += [(side, False, "bfloat16") for side in
+            common.torch_bf16_sides(["torch_eager_bf16"] if bf16 else [], out)]
   for side, compile_, dtype in sides:
     print(f"[{name}] first {side} step ...", flush=True)
     try:

@@ -7,6 +7,7 @@ A config file is `get_config(arg)` where `arg` is the text after the colon in
 import ml_collections
 
 from ponder import errors
+from ponder.nn.dense import default_compute_dtype  # Every model config's default.
 
 # ViT sizes: width, depth, heads (mlp = 4 x width). "seed" is the DendriticLiquid-ViT
 # document's baseline (4.77M parameters).
@@ -126,7 +127,7 @@ def lm_model(name: str, **overrides) -> dict:
       embd_pdrop=0.1,     # dropout on embeddings
       attn_pdrop=0.1,     # dropout on attention probabilities
       resid_pdrop=0.1,    # dropout on residual branches
-      dtype="float32",    # compute dtype; bfloat16 on GPU/TPU (params stay f32)
+      dtype=default_compute_dtype(),  # matmul operands: bfloat16 on GPU/TPU, else float32
   )
   block.update(overrides)
   return block

@@ -54,7 +54,7 @@ def bert_model(**overrides) -> dict:
       dendrites=0,                 # PerforatedAI dendrites k per wrapped layer (0 = plain BERT)
       dendrite_layers="classifier,ffn_output",  # bert.DENDRITE_TARGETS names or globs
       dendrite_phase="neurons",    # neurons (task loss) | candidates (rule cc; the policy sets it)
-      dtype="float32",             # compute dtype; bfloat16 on GPU/TPU (params stay f32)
+      dtype=common.default_compute_dtype(),  # matmul operands: bf16 on GPU/TPU, else f32
   )
   block.update(overrides)
   return block
@@ -76,7 +76,7 @@ def dan_model(**overrides) -> dict:
       dendrites=0,                 # PerforatedAI dendrites k per wrapped layer (0 = plain)
       dendrite_layers="hidden,classifier",  # bert.DENDRITE_TARGETS names or globs
       dendrite_phase="neurons",    # neurons (task loss) | candidates (rule cc; the policy sets it)
-      dtype="float32",             # compute dtype
+      dtype=common.default_compute_dtype(),  # matmul operands: bf16 on GPU/TPU, else f32
   )
   block.update(overrides)
   return block

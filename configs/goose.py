@@ -59,7 +59,7 @@ def get_config(arg=None):
       spike_matmul="dense",        # dense (training) | packed (ternary_matmul, inference)
       spike_alpha_init=1.0,        # ternary spike magnitude at init
       spike_theta_init=0.5,        # ternary threshold at init (inputs are LayerNormed)
-      dtype="float32",             # compute dtype (params stay float32)
+      dtype=common.default_compute_dtype(),  # matmul operands: bf16 on GPU/TPU, else f32
   )
   c.data = common.lm_data(source="local:data/wikitext-2", tokenizer="gpt2_bpe",
                           seq_len=128, test_split="")

@@ -43,9 +43,10 @@ def get_config(arg=None):
   c.task = "language_model"        # train/tasks.py entry that builds the step functions
   c.seed = 0                       # PRNG seed: init, window order, dropout
   c.model = common.lm_model("gpt2", **p["model"])  # models/gpt2.py
-  c.model.dtype = "float32"        # compute dtype of the matmuls: float32 | bfloat16 (f32
-  # accumulation forward and backward, f32 params/LayerNorm/softmax/loss); bf16 is
-  # ~0.5x float32 on AVX2 CPUs without AVX512_BF16, so float32 is the CPU default
+  # Matmul operands: float32 | bfloat16 (f32 accumulation forward and backward, f32
+  # params/LayerNorm/softmax/loss); the default is bf16 on GPU/TPU and float32 on CPU,
+  # where bf16 ran ~0.5x float32 (AVX2 CPUs without AVX512_BF16).
+  c.model.dtype = common.default_compute_dtype()
   c.data = common.lm_data(**p["data"])
   c.trainer = common.trainer(**p["trainer"])
   c.optim = common.optim(**p["optim"])

@@ -94,7 +94,7 @@ def get_config(arg=None):
         preset="",                   # bert.PRESETS sizes for random init ("" with init_from)
         hidden_dropout=0.1,          # dropout on embeddings and residual branches
         attention_dropout=0.1,       # dropout on attention probabilities (dense path only)
-        dtype="float32",             # compute dtype; bfloat16 on GPU/TPU (params stay f32)
+        dtype=common.default_compute_dtype(),  # matmul operands: bf16 on GPU/TPU, else f32
     )
     c.data = dict(
         source="local:data/wikitext-2",  # local:DIR (train.txt, valid.txt) | builtin:smoke

@@ -84,8 +84,9 @@ def get_config(arg=None):
       mlp_ratio=4.0,               # MLP hidden = mlp_ratio x width
       qkv_bias=True,               # bias on the qkv projection (the seed's count has none)
       dropout=0.0,                 # dropout on attention, MLP and embeddings
-      compute_dtype="float32",     # dense matmul operands: float32 | bfloat16 (f32
-      # accumulation, f32 params); bf16 is slower on AVX2 CPUs without AVX512_BF16
+      # Dense matmul operands: float32 | bfloat16 (f32 accumulation, f32 params); bf16 on
+      # GPU/TPU, float32 on CPU (slower there without AVX512_BF16).
+      compute_dtype=common.default_compute_dtype(),
   )
   c.model.update(p["model"])
   if arg.seed_size:

@@ -33,6 +33,7 @@ from ponder.analysis import plots
 from ponder import errors
 from ponder import metric_log as plog
 from ponder import mesh as mesh_lib
+from ponder.nn import dense
 from train import phases
 from train import tasks as tasks_lib
 
@@ -476,8 +477,11 @@ def train_loop(run: Run, state: TrainState, workdir: str, ckpt, best, *, echo: C
   plog.truncate_metrics(workdir, start)
   writer = plog.MetricWriter(workdir, purge_step=start + 1 if start else None)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  dtype = run.cfg.model.get("compute_dtype", run.cfg.model.get("dtype", "float32"))
   echo(f"{run.cfg.model.name}: {n_params:,} parameters; {run.mesh.devices.size} device(s) "
-       f"{dict(run.mesh.shape)}; steps {start} -> {total}")
+       f"{dict(run.mesh.shape)}; matmuls in {dtype}; steps {start} -> {total}")
+  if dense.slow_dtype_warning(dtype):
+    echo(f"warning: {dense.slow_dtype_warning(dtype)}")
 
   interval, pending, run_steps, done = [], None, 0, start
 
