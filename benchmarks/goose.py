@@ -31,6 +31,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 
 BUDGETS = {"short": dict(steps=200, eval_every=50), "full": dict(steps=600, eval_every=50)}
@@ -188,6 +189,7 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO.
   from benchmarks import common  # pylint: disable=g-import-not-at-top
   from train import goose  # pylint: disable=g-import-not-at-top
   budget = BUDGETS[flags.FLAGS.budget]

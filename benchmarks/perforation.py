@@ -33,6 +33,7 @@ import os
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -311,6 +312,7 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO.
   out = FLAGS.out or "results/perforation"
   os.makedirs(out, exist_ok=True)
   budget = BUDGETS[FLAGS.budget]
