@@ -533,7 +533,10 @@ def train_loop(run: Run, state: TrainState, workdir: str, ckpt, best, *, echo: C
                 _policy_context(run, state, workdir, done, val, pstate))
             if change is not None:
               pstate = change.state
-              if change.params is not None or change.reset_optimizer:
+              # A new phase may change only the config (e.g. a loss weight): that too
+              # needs the step rebuilt, or the old config keeps training.
+              if (change.params is not None or change.reset_optimizer
+                  or config_diff(run.policy.configure(run.base_cfg, pstate), run.cfg)):
                 run, state = apply_change(run, state, change, done)
                 step_fn, eval_fn = _compile(run)
                 changed = True

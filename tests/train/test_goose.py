@@ -17,9 +17,11 @@ from models import gpt2
 from models import rwkv
 from ponder import errors
 from ponder import losses
+from ponder import metric_log
 from ponder import ops
 from train import goose
 from train import phases
+from train import trainer
 
 VOCAB, SEQ = 13, 6
 
@@ -154,6 +156,19 @@ def test_policy_switches_fdd_on_kills_it_and_stops_early():
   assert policy.configure(cfg, fdd_state).distill.fdd_weight == cfg.distill.fdd_weight
   import json  # The state is JSON (it is kept beside every checkpoint).
   assert json.loads(json.dumps(state)) == state
+
+
+def test_fdd_switched_on_by_the_policy_trains_from_the_next_step(tmp_path):
+  # The phase change only reconfigures (no new parameters, no optimizer reset); the
+  # trainer must still rebuild the step, or FDD never reaches the loss.
+  cfg = goose_configs.get_config("spiking_ctkd_fdd,smoke")
+  cfg.trainer.update(total_steps=4, eval_every=2, ckpt_every=4)
+  trainer.train_and_evaluate(cfg, str(tmp_path))
+  rows = metric_log.read_metrics(str(tmp_path), "train")
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  assert ["fdd" in r for r in rows] == [False, False, True, True]
+  phase = metric_log.read_metrics(str(tmp_path), "phase")
+  assert [(r["step"], r["phase"]) for r in phase] == [(2, "fdd")]
 
 
 def test_policy_without_fdd_and_bad_settings():
