@@ -480,8 +480,9 @@ def train_loop(run: Run, state: TrainState, workdir: str, ckpt, best, *, echo: C
   dtype = run.cfg.model.get("compute_dtype", run.cfg.model.get("dtype", "float32"))
   echo(f"{run.cfg.model.name}: {n_params:,} parameters; {run.mesh.devices.size} device(s) "
        f"{dict(run.mesh.shape)}; matmuls in {dtype}; steps {start} -> {total}")
-  if dense.slow_dtype_warning(dtype):
-    echo(f"warning: {dense.slow_dtype_warning(dtype)}")
+  warning = dense.slow_dtype_warning(dtype)
+  if warning:
+    echo(f"warning: {warning}")
 
   interval, pending, run_steps, done = [], None, 0, start
 
