@@ -169,20 +169,21 @@ def seed_accuracy(finals: dict, name: str, seeds) -> dict:
 
 def measure(models: dict, ds: vision.ImageDataset, runs: int) -> dict:
   """Parameters, FLOPs per image, tokens per block and interleaved throughput."""
-  images = vision.normalise(ds, ds.test_images[:BATCH])
+  images = vision.normalise(ds, ds.test_images[:BATCH])  # Fewer only in tests' data.
+  n = len(images)
   spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
   fns = {name: vision_report.inference(model) for name, (model, _) in models.items()}
   rows = {}
   for name, (model, params) in models.items():
     rows[name] = dict(params=analysis.count_params(params),
-                      flops_per_image=analysis.compiled_flops(fns[name], params, spec) / BATCH,
+                      flops_per_image=analysis.compiled_flops(fns[name], params, spec) / n,
                       tokens_per_block=_tokens_per_block(model, params, images[:1]))
   timed = analysis.measure_interleaved(
       {name: (lambda f=fns[name], p=models[name][1]: f(p, images)) for name in models},
       warmup=2, runs=runs)
   base = rows["vit"]
   for name, row in rows.items():
-    row.update(images_per_s=BATCH / timed[name]["median_s"], step_times_s=timed[name]["times_s"])
+    row.update(images_per_s=n / timed[name]["median_s"], step_times_s=timed[name]["times_s"])
     row.update(flops_ratio=row["flops_per_image"] / base["flops_per_image"],
                throughput_ratio=row["images_per_s"] / base["images_per_s"])
   return rows
@@ -201,7 +202,7 @@ def policy_ablations(model, params, ds: vision.ImageDataset, ratios, examples, b
     for policy in POLICIES:
       predict = vision_report.predictor(variant.clone(keep_policy=policy), params, ds)
       out.setdefault(policy, {})[f"{rho:g}"] = dict(
-          accuracy=robustness.accuracy(predict, images, labels, BATCH),
+          accuracy=robustness.accuracy(predict, images, labels, min(BATCH, len(labels))),
           flops_ratio=flops / base_flops)
   return out
 
@@ -259,7 +260,7 @@ def run(budget: Budget, out: str, workdir: str, data_dir: str = "", ratios=(0.5,
       ds, budget.corruption_examples, seed=cfgs[f"vit_s{seed}"].seed)
   report = robustness.corruption_report(
       {name: vision_report.predictor(*models[name], ds) for name in names},
-      images, labels, provider, batch_size=BATCH)
+      images, labels, provider, batch_size=min(BATCH, len(labels)))  # No padding to 256.
   for name in names:
     rows[name].update(corruption_mean=report[name]["mean"], corruption=report[name])
   liquid, liquid_params = models["dendritic_liquid_vit"]
