@@ -32,6 +32,7 @@ import os
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -233,6 +234,7 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO.
   if not flags.FLAGS.out:
     raise errors.ConfigError("--out=DIR is required (trained runs and curves go there).")
   results = run(flags.FLAGS.out, flags.FLAGS.budget, flags.FLAGS.models, sst2=flags.FLAGS.sst2,
