@@ -165,6 +165,19 @@ def goals(teacher_ppl: float, students: dict, reports: dict) -> dict:
   return out
 
 
+def curves_figure(runs: str, names, path: str) -> list:
+  """Validation perplexity and the training CE of the teacher and each student against
+  step, one line per run (`ponder.analysis.plots.compare_runs`)."""
+  from ponder import metric_log  # pylint: disable=g-import-not-at-top
+  from ponder.analysis import plots  # pylint: disable=g-import-not-at-top
+  rows = {name: metric_log.read_metrics(os.path.join(runs, name)) for name in names}
+  # The teacher's task is plain LM training: its "loss" is its cross-entropy.
+  rows["teacher"] = [dict(r, ce=r["loss"]) if "loss" in r else r for r in rows["teacher"]]
+  plots.compare_runs(rows, path, metrics=[("eval", "perplexity"), ("train", "ce")],
+                     title="ASNN-Goose: the GPT-2 teacher and the students, same tokens")
+  return [path]
+
+
 def define_flags() -> None:
   """The command line's flags, defined only when this module runs as a program (so
   tests can import it beside the other benchmarks)."""
@@ -243,6 +256,7 @@ def main(argv):
                                             flags.FLAGS.decode_tokens, flags.FLAGS.decode_runs)
   result["machine"]["load_average_end"] = os.getloadavg()
   common.write_json(os.path.join(out, "goose.json"), result)
+  result["pictures"] = curves_figure(runs, ["teacher", *names], os.path.join(out, "curves.png"))
   print(f"\nteacher GPT-2: valid ppl {result['teacher']['perplexity']:.1f}")
   for name, s in students.items():
     extra = f"  spikes {s['spike_density']:.1%}" if "spike_density" in s else ""

@@ -32,3 +32,24 @@ def test_goals_pick_the_best_spiking_student():
   assert not g["health_passed"] and g["mi_above_shuffle"] and g["cka_met"]
   g = goose.goals(100.0, students, {})
   assert not g["teacher_ratio_met"] and "health_passed" not in g
+
+
+def test_curves_figure_draws_the_teacher_ce_from_its_loss(tmp_path, monkeypatch):
+  from ponder import metric_log  # pylint: disable=g-import-not-at-top
+  from ponder.analysis import plots  # pylint: disable=g-import-not-at-top
+  for name, train in (("teacher", {"loss": 6.0}), ("spiking_ce", {"loss": 5.5, "ce": 5.0})):
+    writer = metric_log.MetricWriter(str(tmp_path / name), tensorboard=False)
+    for step in (10, 20):
+      writer.write(step, train)
+      writer.write(step, {"perplexity": 300.0 - step}, split="eval")
+  drawn = []
+  draw = plots.compare_runs
+  monkeypatch.setattr(plots, "compare_runs",
+                      lambda *a, **k: drawn.append((a[0], draw(*a, **k))))
+  path = str(tmp_path / "curves.png")
+  assert goose.curves_figure(str(tmp_path), ["teacher", "spiking_ce"], path) == [path]
+  assert open(path, "rb").read()[:4] == b"\x89PNG"
+  rows, panels = drawn[0]
+  assert panels == [("eval", "perplexity"), ("train", "ce")]
+  ce = {name: [r["ce"] for r in run if r["split"] == "train"] for name, run in rows.items()}
+  assert ce == {"teacher": [6.0, 6.0], "spiking_ce": [5.0, 5.0]}
