@@ -255,8 +255,8 @@ def main(argv):
     result["inference"] = inference_section(os.path.join(runs, spiking[-1]), teacher,
                                             flags.FLAGS.decode_tokens, flags.FLAGS.decode_runs)
   result["machine"]["load_average_end"] = os.getloadavg()
-  common.write_json(os.path.join(out, "goose.json"), result)
   result["pictures"] = curves_figure(runs, ["teacher", *names], os.path.join(out, "curves.png"))
+  common.write_json(os.path.join(out, "goose.json"), result)
   print(f"\nteacher GPT-2: valid ppl {result['teacher']['perplexity']:.1f}")
   for name, s in students.items():
     extra = f"  spikes {s['spike_density']:.1%}" if "spike_density" in s else ""
