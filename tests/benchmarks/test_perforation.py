@@ -36,3 +36,15 @@ def test_sweep_plot_is_written(tmp_path):
   _, quality = records()
   perforation.sweep_plot(quality, str(tmp_path / "sweep.png"))
   assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_gradient_groups_split_scorers_query_key_and_the_rest():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from benchmarks import perforation_gradients  # pylint: disable=g-import-not-at-top
+  grads = {"layer_0": {"attention": {"query": {"kernel": jnp.full((2, 2), 1.0)},
+                                     "key": {"bias": jnp.array([3.0, 4.0])},
+                                     "value": {"kernel": jnp.array([[6.0, 8.0]])}},
+                       "perforation_0": {"bias": jnp.array([0.0, 5.0])}},
+           "mlm_head": {"bias": jnp.array([0.0])}}
+  got = perforation_gradients.group_norms(grads)
+  assert got == {"query_key": (4.0 + 25.0) ** 0.5, "rest": 10.0, "scorer": 5.0}

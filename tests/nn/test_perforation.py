@@ -202,3 +202,39 @@ def test_masked_attention_gradient_is_finite_when_kept_logits_are_far_below_drop
                               atol=1e-5)
   g = jax.grad(f)(mask)
   assert np.isfinite(np.asarray(g)).all()
+
+
+def test_dropped_tile_gradient_is_the_secant_and_kept_tiles_the_tangent():
+  # L is linear in the output, so for a dropped tile T, L(m with m_T = 1) - L(m) is the
+  # sum over T's query rows of their secants: what the gradient to m_T must equal.
+  # Kept tiles keep the exact derivative (central differences around m_T = 1).
+  q, k, v = qkv(b=1, h=2, t=30, d=8)  # 30 = 3 full blocks of 8 + a partial one
+  k = k.at[:, 0, 16:24].multiply(6.0)  # head 0: block 2 holds large logits
+  valid = jnp.arange(30)[None] < 27
+  cot = jax.random.normal(jax.random.key(3), v.shape)
+  mask = jnp.array(np.random.default_rng(0).random((1, 2, 4, 4)) < 0.5, jnp.float32)
+  mask = jnp.maximum(mask, jnp.eye(4))  # diagonal kept, as every mask has it
+  mask = mask.at[0, 0, 1, 2].set(0.0).at[0, 0, 3, 2].set(0.0)
+  loss = lambda m: jnp.sum(P.masked_attention(q, k, v, m, valid, block=8) * cot)  # noqa: E731
+  grad = jax.grad(loss)(mask)
+  checked = 0
+  for h, i, j in np.argwhere(np.asarray(mask[0]) == 0):
+    secant = loss(mask.at[0, h, i, j].set(1.0)) - loss(mask)
+    np.testing.assert_allclose(grad[0, h, i, j], secant, rtol=1e-4, atol=1e-5)
+    checked += 1
+  assert checked >= 4
+  eps = 1e-3
+  for h, i, j in np.argwhere(np.asarray(mask[0]) == 1)[:6]:
+    fd = (loss(mask.at[0, h, i, j].add(eps)) - loss(mask.at[0, h, i, j].add(-eps))) / (2 * eps)
+    np.testing.assert_allclose(grad[0, h, i, j], fd, rtol=2e-2, atol=2e-3)
+  # The blow-up case: dropped keys ~300 logits above the kept ones, where the tangent
+  # is ~e^80 times the secant.
+  q1 = jnp.ones((1, 1, 16, 4))
+  k1 = jnp.concatenate([-jnp.ones((1, 1, 8, 4)), 75.0 * jnp.ones((1, 1, 8, 4))], axis=2)
+  v1 = jax.random.normal(jax.random.key(0), (1, 1, 16, 4))
+  drop = jnp.array([[[[1.0, 0.0], [1.0, 0.0]]]])
+  f = lambda m: jnp.sum(P.masked_attention(q1, k1, v1, m, jnp.ones((1, 16), bool),  # noqa: E731
+                                           block=8))
+  g = jax.grad(f)(drop)
+  np.testing.assert_allclose(g[0, 0, :, 1], [f(drop.at[0, 0, r, 1].set(1.0)) - f(drop)
+                                             for r in range(2)], rtol=1e-3, atol=1e-3)
