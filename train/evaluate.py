@@ -3,6 +3,7 @@
   python -m train.evaluate --workdir=runs/gpt2_wt2 --split=valid [--stride=64]
   python -m train.evaluate --workdir=runs/dlvit --corruptions=2000 --pictures
   python -m train.evaluate --workdir=runs/goose/fdd --spikes [--teacher_workdir=DIR]
+  python -m train.evaluate --workdir=runs/minilm_sst2 --params_dir=plasticity/baseline
 
 Language models report the mean token NLL and perplexity (exp of the mean NLL over every
 token of the split; with --stride < seq_len each token is scored with more context, as
@@ -46,6 +47,10 @@ _TEACHER = flags.DEFINE_string("teacher_workdir", "", "--spikes: the GPT-2 run t
                                "with; '' = the run's own distillation teacher.")
 _SPIKE_BATCHES = flags.DEFINE_integer("spike_batches", 8, "--spikes: validation batches "
                                       "in the report.")
+_PARAMS_DIR = flags.DEFINE_string("params_dir", "", "Score the newest parameters saved in "
+                                  "this folder of the workdir instead of its checkpoint "
+                                  "(e.g. plasticity/baseline: a plasticity run's unpruned "
+                                  "baseline), in the structure of its config.json.")
 _REUSE_MEMORY = flags.DEFINE_bool("reuse_memory", True, "As train.main's --reuse_memory.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -113,7 +118,8 @@ def main(argv):
       overrides = dict(eval_split=split, eval_stride=_STRIDE.value or cfg.data.eval_stride)
     else:
       split = _classifier_split()
-    cfg, task, params, step, mesh = trainer.restore_run(_WORKDIR.value, **overrides)
+    cfg, task, params, step, mesh = trainer.restore_run(
+        _WORKDIR.value, params_dir=_PARAMS_DIR.value, **overrides)
     eval_fn = jax.jit(task.eval_fn)
     which = "val"  # Language models: the split named in the overrides.
     lm_task = cfg.task in ("language_model", "lm_distillation")

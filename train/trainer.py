@@ -226,10 +226,14 @@ def check_rerun(cfg: ml_collections.ConfigDict, workdir: str, *,
         f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items()))
 
 
-def restore_run(workdir: str, *, selected: bool = False, **data_overrides):
+def restore_run(workdir: str, *, selected: bool = False, params_dir: str = "",
+                **data_overrides):
   """(cfg, task, params, step, mesh) of a train.main workdir: its newest checkpoint, or
   with `selected` the parameters selected on validation (best/; the newest checkpoint
   when there is none). cfg and task are those of the phase the parameters come from.
+  `params_dir` (relative to the workdir) restores the newest parameters saved there
+  instead, in the structure of the workdir's config.json (e.g. `plasticity/baseline`,
+  the unpruned model a plasticity run keeps).
 
   Needs nothing but the workdir (no teacher: that is for training). `data_overrides`
   change the data block (e.g. eval_split) before the task is built.
@@ -243,6 +247,15 @@ def restore_run(workdir: str, *, selected: bool = False, **data_overrides):
       return run
     return configured(run, phases.load_record(workdir, step)[which])
 
+  if params_dir:
+    store = ckpt_lib.Checkpointer(os.path.join(workdir, params_dir))
+    step = store.latest_step()
+    if step is None:
+      store.close()
+      raise errors.CheckpointError(f"no parameters under {workdir}/{params_dir}.")
+    params = store.restore(step, abstract_state(run).params)
+    store.close()
+    return run.cfg, run.task, params, step, run.mesh
   if selected:
     best = _best_checkpointer(workdir, run.task)
     step = best.best_step()

@@ -127,6 +127,20 @@ def test_optimizer_schedule_and_decay_mask():
   assert np.all(np.asarray(updates["kernel"]) < 0) and np.all(np.asarray(updates["bias"]) == 0)
 
 
+def test_restore_run_reads_parameters_saved_in_a_folder_of_the_workdir(tmp_path):
+  result = trainer.train_and_evaluate(smoke_config(), str(tmp_path), echo=lambda s: None)
+  with pytest.raises(errors.CheckpointError, match="no parameters under"):
+    trainer.restore_run(str(tmp_path), params_dir="kept")
+  # As a plasticity run keeps its baseline: parameters alone, under <workdir>/kept/<step>.
+  kept = jax.tree.map(lambda p: p + 1.0, _params(result))
+  store = ckpt_lib.Checkpointer(str(tmp_path / "kept"), keep=1)
+  store.save(2, kept)
+  store.close()
+  _, _, params, step, _ = trainer.restore_run(str(tmp_path), params_dir="kept")
+  assert step == 2
+  chex.assert_trees_all_close(jax.device_get(params), kept)
+
+
 def _run_main(args, devices=1, **kwargs):
   return subprocess.run([sys.executable, "-m", "train.main", *args], cwd=ROOT,
                         env=subprocess_env(devices), capture_output=True, text=True, **kwargs)
