@@ -32,7 +32,7 @@ def _params(result):
   return jax.device_get(result["state"].params)
 
 
-def test_smoke_run_leaves_config_metrics_and_checkpoint(tmp_path):
+def test_smoke_run_leaves_config_metrics_and_checkpoint_and_restores(tmp_path):
   result = trainer.train_and_evaluate(smoke_config(), str(tmp_path), echo=lambda s: None)
   assert json.loads((tmp_path / "config.json").read_text())["model"]["name"] == "vit"
   rows = plog.read_metrics(str(tmp_path), "train")
@@ -42,6 +42,17 @@ def test_smoke_run_leaves_config_metrics_and_checkpoint(tmp_path):
   assert os.listdir(tmp_path / "tb")
   assert 0.0 <= result["accuracy"] <= 1.0 and result["examples"] == 360
   assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # restore_run(params_dir=): parameters alone under <workdir>/<dir>/<step>, as a
+  # plasticity run keeps its baseline (train.evaluate --params_dir).
+  with pytest.raises(errors.CheckpointError, match="no parameters under"):
+    trainer.restore_run(str(tmp_path), params_dir="kept")
+  kept = jax.tree.map(lambda p: p + 1.0, _params(result))
+  store = ckpt_lib.Checkpointer(str(tmp_path / "kept"), keep=1)
+  store.save(2, kept)
+  store.close()
+  _, _, params, step, _ = trainer.restore_run(str(tmp_path), params_dir="kept")
+  assert step == 2
+  chex.assert_trees_all_close(jax.device_get(params), kept)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
@@ -125,20 +136,6 @@ def test_optimizer_schedule_and_decay_mask():
   params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   assert np.all(np.asarray(updates["kernel"]) < 0) and np.all(np.asarray(updates["bias"]) == 0)
-
-
-def test_restore_run_reads_parameters_saved_in_a_folder_of_the_workdir(tmp_path):
-  result = trainer.train_and_evaluate(smoke_config(), str(tmp_path), echo=lambda s: None)
-  with pytest.raises(errors.CheckpointError, match="no parameters under"):
-    trainer.restore_run(str(tmp_path), params_dir="kept")
-  # As a plasticity run keeps its baseline: parameters alone, under <workdir>/kept/<step>.
-  kept = jax.tree.map(lambda p: p + 1.0, _params(result))
-  store = ckpt_lib.Checkpointer(str(tmp_path / "kept"), keep=1)
-  store.save(2, kept)
-  store.close()
-  _, _, params, step, _ = trainer.restore_run(str(tmp_path), params_dir="kept")
-  assert step == 2
-  chex.assert_trees_all_close(jax.device_get(params), kept)
 
 
 def _run_main(args, devices=1, **kwargs):
