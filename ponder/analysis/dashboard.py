@@ -87,10 +87,14 @@ def _line_chart(xs: Sequence[float], ys: Sequence[float], marks: Sequence[tuple]
            f'<text x="2" y="{pad}" font-size="11">{y1:.3g}</text>',
            f'<text x="2" y="{height - pad}" font-size="11">{y0:.3g}</text>']
   for i, (x, label, colour) in enumerate(marks):
+    # Labels of marks near the right edge end at their line, so they are not cut off.
+    right = sx(x) > width - 120
+    anchor = ' text-anchor="end"' if right else ""
     parts.append(f'<line x1="{sx(x):.1f}" y1="{pad}" x2="{sx(x):.1f}" y2="{height - pad}" '
                  f'stroke="{colour}" stroke-dasharray="4,3"/>'
-                 f'<text x="{sx(x) + 3:.1f}" y="{pad + 12 + 12 * (i % 4)}" font-size="10" '
-                 f'fill="{colour}">{_esc(label)}</text>')
+                 f'<text x="{sx(x) + (-3 if right else 3):.1f}" '
+                 f'y="{pad + 12 + 12 * (i % 4)}" font-size="10" fill="{colour}"{anchor}>'
+                 f'{_esc(label)}</text>')
   parts.append(f'<polyline points="{points}" fill="none" stroke="#3366cc" '
                'stroke-width="1.5"/></svg>')
   return "".join(parts)
