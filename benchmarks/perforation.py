@@ -3,7 +3,7 @@ fixed baselines, and what the block mask saves in compiled FLOPs and CPU time.
 
   python -m benchmarks.perforation --out=DIR [--budget=short|full]
       [--wikitext=../shared/data/wikitext-2-valsplit] [--sst2=../shared/data/sst-2]
-      [--skip_speed | --skip_quality]
+      [--skip_speed | --skip_quality] [--seeds=0,1] [--only=mlm_dense,mlm_perforated_50]
 
 Writes DIR/perforation.json, DIR/sparsity_sweep.png and DIR/masks.png; the training
 runs live in DIR/runs/<name> (train.main workdirs), so a rerun resumes an interrupted
@@ -187,10 +187,12 @@ def run_once(cfg, workdir: str) -> dict:
     return json.load(f)
 
 
-def quality_records(out: str, budget: dict, save) -> list:
-  """Trains (or reads) every run; `save(records)` after each, so a stopped benchmark
-  leaves what it measured. The order puts the comparison at 0.5 first: dense, learned
-  and every baseline there, then the rest of the sweep, then SST-2."""
+def quality_records(out: str, budget: dict, save, seeds=(0,), only=()) -> list:
+  """Trains (or reads) every run for every seed; `save(records)` after each, so a
+  stopped benchmark leaves what it measured. The order puts the comparison at 0.5
+  first: dense, learned and every baseline there, then the rest of the sweep, then
+  SST-2. With `only` (run names), only those are trained; other finished runs are still
+  read and reported. Seed 0 lives in runs/<name>, seed k in runs/<name>_seed<k>."""
   first = [("mlm_dense", "mlm_dense", 0.0), ("mlm_perforated_50", "mlm_perforated", 0.5)]
   first += [(f"mlm_{mode}_50", f"mlm_{mode}", 0.5) for mode in BASELINES
             if 0.5 in budget["baseline_sparsities"]]
@@ -198,49 +200,67 @@ def quality_records(out: str, budget: dict, save) -> list:
           if s != 0.5]
   rest += [(f"mlm_{mode}_{int(s * 100)}", f"mlm_{mode}", s) for mode in BASELINES
            for s in budget["baseline_sparsities"] if s != 0.5]
+  runs = [(name, "mlm", preset, s, seed) for seed in seeds for name, preset, s in first + rest]
+  runs += [(name, "sst2", None, 0.5 if name.endswith("_50") else 0.0, seed) for seed in seeds
+           for name in ("sst2_dense", "sst2_perforated_50")]
   records = []
-  for name, preset, s in first + rest:
-    cfg = mlm_config(preset, s if s else 0.5, budget, FLAGS.wikitext)
-    final = run_once(cfg, os.path.join(out, "runs", name))
-    records.append(dict(run=name, task="mlm", mode=cfg.perforation.mode,
-                        target_sparsity=s, achieved_sparsity=final.get("sparsity", 0.0),
-                        mlm_loss=final["mlm_loss"], accuracy=final["accuracy"],
-                        steps=cfg.trainer.total_steps, batch=cfg.trainer.batch_size,
-                        seq=cfg.data.seq_len))
-    print(json.dumps(records[-1]), flush=True)
-    save(records)
-  for perforated in (False, True):
-    name = "sst2_perforated_50" if perforated else "sst2_dense"
-    cfg = sst2_config(perforated, budget, FLAGS.sst2)
-    final = run_once(cfg, os.path.join(out, "runs", name))
-    records.append(dict(run=name, task="sst2", mode="learned" if perforated else "none",
-                        target_sparsity=0.5 if perforated else 0.0,
-                        dev_accuracy=final["accuracy"], steps=cfg.trainer.total_steps,
-                        batch=cfg.trainer.batch_size))
+  for name, kind, preset, s, seed in runs:
+    workdir = os.path.join(out, "runs", name if seed == 0 else f"{name}_seed{seed}")
+    if only and name not in only and not os.path.exists(
+        os.path.join(workdir, "final_metrics.json")):
+      continue
+    if kind == "mlm":
+      cfg = mlm_config(preset, s if s else 0.5, budget, FLAGS.wikitext)
+    else:
+      cfg = sst2_config(name != "sst2_dense", budget, FLAGS.sst2)
+    cfg.seed = seed
+    final = run_once(cfg, workdir)
+    record = dict(run=name, task=kind, seed=seed, target_sparsity=s,
+                  steps=cfg.trainer.total_steps, batch=cfg.trainer.batch_size)
+    if kind == "mlm":
+      record.update(mode=cfg.perforation.mode, achieved_sparsity=final.get("sparsity", 0.0),
+                    mlm_loss=final["mlm_loss"], accuracy=final["accuracy"],
+                    seq=cfg.data.seq_len)
+    else:
+      record.update(mode="learned" if s else "none", dev_accuracy=final["accuracy"])
+    records.append(record)
     print(json.dumps(records[-1]), flush=True)
     save(records)
   return records
 
 
+def _mean_by_run(quality: list, task: str, key: str) -> dict:
+  """{run name: mean of `key` over its seeds} for one task's records."""
+  values = {}
+  for r in quality:
+    if r["task"] == task:
+      values.setdefault(r["run"], []).append(r[key])
+  return {name: float(np.mean(v)) for name, v in values.items()}
+
+
 def goals(speed: list, quality: list) -> dict:
-  mlm = {r["run"]: r for r in quality if r["task"] == "mlm"}
-  dense = mlm["mlm_dense"]["mlm_loss"]
-  learned = mlm.get("mlm_perforated_50", {}).get("mlm_loss")
-  fixed = {n: r["mlm_loss"] for n, r in mlm.items()
-           if r["target_sparsity"] == 0.5 and r["mode"] in ("random", "band_global",
-                                                            "bigbird")}
+  """The issue's goals, on the mean over seeds of each run."""
+  loss = _mean_by_run(quality, "mlm", "mlm_loss")
+  dense = loss["mlm_dense"]
+  learned = loss.get("mlm_perforated_50")
+  modes = {r["run"]: r["mode"] for r in quality if r["task"] == "mlm"}
+  fixed = {n: v for n, v in loss.items() if n.endswith("_50")
+           and modes[n] in ("random", "band_global", "bigbird")}
   model_2048 = [r for r in speed if r["part"] == "model" and r["seq"] == 2048
                 and r["target_sparsity"] == 0.5]
-  sst = {r["run"]: r["dev_accuracy"] for r in quality if r["task"] == "sst2"}
+  sst = _mean_by_run(quality, "sst2", "dev_accuracy")
+  sst_gap = (sst["sst2_dense"] - sst["sst2_perforated_50"]
+             if {"sst2_dense", "sst2_perforated_50"} <= set(sst) else None)
   return {
       "mlm_50_within_2pct_of_dense": learned is not None and learned <= 1.02 * dense,
       "mlm_50_loss_ratio_to_dense": None if learned is None else learned / dense,
-      "mlm_50_beats_every_fixed_pattern": learned is not None and all(
+      # None until a fixed pattern has been measured (all() of nothing is no result).
+      "mlm_50_beats_every_fixed_pattern": None if not fixed else learned is not None and all(
           learned < v for v in fixed.values()),
       "model_2048_speedup_at_50": model_2048[0]["speedup"] if model_2048 else None,
       "model_2048_at_least_1.4x": bool(model_2048) and model_2048[0]["speedup"] >= 1.4,
-      "sst2_points_below_dense": 100 * (sst["sst2_dense"] - sst["sst2_perforated_50"]),
-      "sst2_within_0.5_points": sst["sst2_dense"] - sst["sst2_perforated_50"] <= 0.005,
+      "sst2_points_below_dense": None if sst_gap is None else 100 * sst_gap,
+      "sst2_within_0.5_points": sst_gap is not None and sst_gap <= 0.005,
   }
 
 
@@ -251,14 +271,14 @@ def sweep_plot(quality: list, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  mlm = [r for r in quality if r["task"] == "mlm"]
+  loss = _mean_by_run(quality, "mlm", "mlm_loss")  # Means over seeds, one point a run.
+  achieved = _mean_by_run(quality, "mlm", "achieved_sparsity")
+  modes = {r["run"]: r["mode"] for r in quality if r["task"] == "mlm"}
   fig, ax = plt.subplots(figsize=(6, 4))
-  dense = next(r for r in mlm if r["mode"] == "none")
-  ax.axhline(dense["mlm_loss"], color="k", ls="--", label="dense MiniLM")
+  ax.axhline(loss["mlm_dense"], color="k", ls="--", label="dense MiniLM")
   for mode, marker in (("learned", "o-"), ("static", "s"), ("random", "x"),
                        ("band_global", "^"), ("bigbird", "v")):
-    pts = sorted((1 - r["achieved_sparsity"], r["mlm_loss"]) for r in mlm
-                 if r["mode"] == mode)
+    pts = sorted((1 - achieved[n], loss[n]) for n in loss if modes[n] == mode)
     if pts:
       ax.plot(*zip(*pts), marker, label=mode)
   ax.set_xlabel("density (1 - achieved block sparsity)")
@@ -313,6 +333,9 @@ def define_flags() -> None:
                       "WikiText directory (train.txt, valid.txt)")
   flags.DEFINE_string("sst2", "../shared/data/sst-2", "SST-2 directory (train.tsv, dev.tsv)")
   flags.DEFINE_bool("skip_quality", False, "only the speed part")
+  flags.DEFINE_list("seeds", ["0"], "seeds of every training run (the goals use the mean)")
+  flags.DEFINE_list("only", [], "train only these runs (e.g. mlm_dense,mlm_perforated_50); "
+                    "finished others are still reported")
   flags.DEFINE_bool("skip_speed", False,
                     "only the quality part (speed is measured by a later run without it, "
                     "on quiet cores; training does not care about load)")
@@ -343,12 +366,14 @@ def main(argv):
   common.write_json(path, result)
   if not FLAGS.skip_quality:
     result["quality"] = quality_records(
-        out, budget, lambda r: common.write_json(path, dict(result, quality=r)))
+        out, budget, lambda r: common.write_json(path, dict(result, quality=r)),
+        seeds=[int(x) for x in FLAGS.seeds], only=FLAGS.only)
     result["goals"] = goals(result["speed"], result["quality"])
     common.write_json(path, result)
     sweep_plot(result["quality"], os.path.join(out, "sparsity_sweep.png"))
-    result["masks"] = masks_plot(os.path.join(out, "runs", "mlm_perforated_50"),
-                                 os.path.join(out, "masks.png"))
+    if os.path.exists(os.path.join(out, "runs", "mlm_perforated_50", "final_metrics.json")):
+      result["masks"] = masks_plot(os.path.join(out, "runs", "mlm_perforated_50"),
+                                   os.path.join(out, "masks.png"))
   result["load"] = common.load_record(start, os.getloadavg())
   common.write_json(path, result)
 

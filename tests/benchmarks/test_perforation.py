@@ -48,3 +48,20 @@ def test_gradient_groups_split_scorers_query_key_and_the_rest():
            "mlm_head": {"bias": jnp.array([0.0])}}
   got = perforation_gradients.group_norms(grads)
   assert got == {"query_key": (4.0 + 25.0) ** 0.5, "rest": 10.0, "scorer": 5.0}
+
+
+def test_goals_use_the_mean_over_seeds_and_tolerate_missing_sst2():
+  speed, quality = records(learned_50=4.15)
+  mlm = [r for r in quality if r["task"] == "mlm"]
+  # A second seed: dense 4.2 (mean 4.1), learned 4.15 again; random 4.3 (mean 4.2).
+  mlm += [dict(mlm[0], seed=1, mlm_loss=4.2),
+          dict(next(r for r in mlm if r["run"] == "mlm_perforated_50"), seed=1),
+          dict(next(r for r in mlm if r["run"] == "mlm_random_50"), seed=1, mlm_loss=4.3)]
+  got = perforation.goals(speed, mlm)
+  assert abs(got["mlm_50_loss_ratio_to_dense"] - 4.15 / 4.1) < 1e-9
+  assert got["mlm_50_within_2pct_of_dense"]
+  # BigBird's single seed (4.1) is below the learned 4.15: not every pattern is beaten.
+  assert not got["mlm_50_beats_every_fixed_pattern"]
+  assert got["sst2_points_below_dense"] is None and not got["sst2_within_0.5_points"]
+  only_two = [r for r in mlm if r["run"] in ("mlm_dense", "mlm_perforated_50")]
+  assert perforation.goals(speed, only_two)["mlm_50_beats_every_fixed_pattern"] is None
