@@ -4,10 +4,12 @@ fixed baselines, and what the block mask saves in compiled FLOPs and CPU time.
   python -m benchmarks.perforation --out=DIR [--budget=short|full]
       [--wikitext=../shared/data/wikitext-2-valsplit] [--sst2=../shared/data/sst-2]
       [--skip_speed | --skip_quality] [--seeds=0,1] [--only=mlm_dense,mlm_perforated_50]
+      [--reuse=results/perforation/perforation_full.json]
 
 Writes DIR/perforation.json, DIR/sparsity_sweep.png and DIR/masks.png; the training
 runs live in DIR/runs/<name> (train.main workdirs), so a rerun resumes an interrupted
-run and reuses finished ones (their final_metrics.json).
+run and reuses finished ones (their final_metrics.json); `--reuse` takes the records of
+runs whose directories are gone from an earlier perforation.json of the same budget.
 
 1. Speed (no training: the cost depends only on the row budget, which the learned mask
    and every baseline share at a given target). MiniLM-L6 sizes (6 x 384, 12 heads),
@@ -187,12 +189,17 @@ def run_once(cfg, workdir: str) -> dict:
     return json.load(f)
 
 
-def quality_records(out: str, budget: dict, save, seeds=(0,), only=()) -> list:
+def quality_records(out: str, budget: dict, save, seeds=(0,), only=(), reuse=()) -> list:
   """Trains (or reads) every run for every seed; `save(records)` after each, so a
   stopped benchmark leaves what it measured. The order puts the comparison at 0.5
   first: dense, learned and every baseline there, then the rest of the sweep, then
   SST-2. With `only` (run names), only those are trained; other finished runs are still
-  read and reported. Seed 0 lives in runs/<name>, seed k in runs/<name>_seed<k>."""
+  read and reported. Seed 0 lives in runs/<name>, seed k in runs/<name>_seed<k>.
+  `reuse`: records of an earlier benchmark at the same budget (its perforation.json);
+  a run that has no finished workdir here takes its record from there (marked
+  `reused_from`) instead of training again: run directories do not outlive a machine,
+  the committed records do."""
+  reused = {(r["run"], r.get("seed", 0)): r for r in reuse}
   first = [("mlm_dense", "mlm_dense", 0.0), ("mlm_perforated_50", "mlm_perforated", 0.5)]
   first += [(f"mlm_{mode}_50", f"mlm_{mode}", 0.5) for mode in BASELINES
             if 0.5 in budget["baseline_sparsities"]]
@@ -206,8 +213,12 @@ def quality_records(out: str, budget: dict, save, seeds=(0,), only=()) -> list:
   records = []
   for name, kind, preset, s, seed in runs:
     workdir = os.path.join(out, "runs", name if seed == 0 else f"{name}_seed{seed}")
-    if only and name not in only and not os.path.exists(
-        os.path.join(workdir, "final_metrics.json")):
+    finished = os.path.exists(os.path.join(workdir, "final_metrics.json"))
+    if not finished and (name, seed) in reused:
+      records.append(reused[(name, seed)])
+      save(records)
+      continue
+    if only and name not in only and not finished:
       continue
     if kind == "mlm":
       cfg = mlm_config(preset, s if s else 0.5, budget, FLAGS.wikitext)
@@ -227,6 +238,25 @@ def quality_records(out: str, budget: dict, save, seeds=(0,), only=()) -> list:
     print(json.dumps(records[-1]), flush=True)
     save(records)
   return records
+
+
+def reusable_records(path: str, budget_settings: dict) -> list:
+  """The quality records of an earlier run of this benchmark, each marked with where it
+  came from; they must have been trained under the same budget."""
+  if not path:
+    return []
+  if not os.path.exists(path):
+    raise app.UsageError(f"--reuse={path}: no such file (a perforation.json written by "
+                         "this benchmark)")
+  with open(path) as f:
+    earlier = json.load(f)
+  # Through JSON, so tuples and lists compare equal.
+  if json.loads(json.dumps(budget_settings)) != earlier.get("budget_settings"):
+    raise app.UsageError(
+        f"--reuse={path} was measured with budget settings {earlier.get('budget_settings')}, "
+        f"not this run's {budget_settings}: pass a file of the same --budget, or drop --reuse "
+        "to train every run")
+  return [dict(r, reused_from=r.get("reused_from", path)) for r in earlier.get("quality", [])]
 
 
 def _mean_by_run(quality: list, task: str, key: str) -> dict:
@@ -336,6 +366,9 @@ def define_flags() -> None:
   flags.DEFINE_list("seeds", ["0"], "seeds of every training run (the goals use the mean)")
   flags.DEFINE_list("only", [], "train only these runs (e.g. mlm_dense,mlm_perforated_50); "
                     "finished others are still reported")
+  flags.DEFINE_string("reuse", "", "an earlier perforation.json of the same budget (e.g. "
+                      "results/perforation/perforation_full.json): its runs are not "
+                      "trained again where DIR/runs has no finished copy")
   flags.DEFINE_bool("skip_speed", False,
                     "only the quality part (speed is measured by a later run without it, "
                     "on quiet cores; training does not care about load)")
@@ -367,7 +400,8 @@ def main(argv):
   if not FLAGS.skip_quality:
     result["quality"] = quality_records(
         out, budget, lambda r: common.write_json(path, dict(result, quality=r)),
-        seeds=[int(x) for x in FLAGS.seeds], only=FLAGS.only)
+        seeds=[int(x) for x in FLAGS.seeds], only=FLAGS.only,
+        reuse=reusable_records(FLAGS.reuse, result["budget_settings"]))
     result["goals"] = goals(result["speed"], result["quality"])
     common.write_json(path, result)
     sweep_plot(result["quality"], os.path.join(out, "sparsity_sweep.png"))

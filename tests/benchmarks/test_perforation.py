@@ -65,3 +65,29 @@ def test_goals_use_the_mean_over_seeds_and_tolerate_missing_sst2():
   assert got["sst2_points_below_dense"] is None and not got["sst2_within_0.5_points"]
   only_two = [r for r in mlm if r["run"] in ("mlm_dense", "mlm_perforated_50")]
   assert perforation.goals(speed, only_two)["mlm_50_beats_every_fixed_pattern"] is None
+
+
+def test_reused_records_stand_in_for_missing_runs_of_the_same_budget(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  budget = perforation.BUDGETS["smoke"]
+  settings = {k: v for k, v in budget.items() if k != "speed_seqs"}
+  earlier = [dict(run="mlm_dense", task="mlm", seed=0, mlm_loss=5.3),
+             dict(run="sst2_dense", task="sst2", seed=0, dev_accuracy=0.9),
+             dict(run="mlm_dense", task="mlm", seed=1, mlm_loss=5.4)]
+  path = tmp_path / "earlier.json"
+  path.write_text(json.dumps(dict(budget_settings=settings, quality=earlier)))
+  reuse = perforation.reusable_records(str(path), settings)
+  assert all(r["reused_from"] == str(path) for r in reuse)
+  saved = []
+  # `only` names no run, so nothing trains; the reused seed-0 runs are still reported,
+  # in the benchmark's order (MLM before SST-2), and saved as they are read.
+  got = perforation.quality_records(str(tmp_path / "out"), budget, saved.append,
+                                    seeds=(0,), only=("none",), reuse=reuse)
+  assert [(r["run"], r["seed"]) for r in got] == [("mlm_dense", 0), ("sst2_dense", 0)]
+  assert saved[-1] == got and got[0]["mlm_loss"] == 5.3
+  with pytest.raises(app.UsageError, match="budget settings"):
+    perforation.reusable_records(str(path), dict(settings, mlm_steps=999))
+  with pytest.raises(app.UsageError, match="no such file"):
+    perforation.reusable_records(str(tmp_path / "missing.json"), settings)
