@@ -161,19 +161,27 @@ def mlm_config(preset: str, sparsity: float, budget: dict, wikitext: str):
 
 
 def sst2_config(perforated: bool, budget: dict, sst2: str):
+  """SST-2 fine-tuning, dense (configs/dendritic_bert.py:minilm) or perforated. At the
+  preset's length (the full budget) the preset's schedule stands: warm-up 66, an
+  evaluation every 220 steps selecting on validation. The dense run is then exactly the
+  `minilm` row of benchmarks/dendritic_bert_table.py, and the perforated one differs
+  from it only in the mask. Shorter budgets evaluate once, at the end."""
   steps, batch = budget["sst2_steps"], budget["sst2_batch"]
   smoke = ",smoke" if budget["smoke"] else ""
+  length = "" if steps == dendritic_bert.PRESETS["minilm"]["trainer"]["total_steps"] else (
+      f",steps={steps}")
   if perforated:
-    cfg = perforation_configs.get_config(f"sst2_perforated,sparsity=0.5,block=16,"
-                                         f"steps={steps}{smoke}")
+    cfg = perforation_configs.get_config(f"sst2_perforated,sparsity=0.5,block=16"
+                                         f"{length}{smoke}")
   else:
-    cfg = dendritic_bert.get_config(f"minilm,steps={steps}{smoke}")
+    cfg = dendritic_bert.get_config(f"minilm{length}{smoke}")
   if not smoke:
     cfg.data.source = f"local:{os.path.abspath(sst2)}"
   cfg.trainer.batch_size = batch
-  cfg.optim.warmup_steps = max(1, steps // 16)
   cfg.data.valid_fraction = budget["sst2_valid_fraction"]
-  cfg.trainer.update(eval_every=steps, ckpt_every=max(steps // 2, 1))
+  if length:
+    cfg.optim.warmup_steps = max(1, steps // 16)
+    cfg.trainer.update(eval_every=steps, ckpt_every=max(steps // 2, 1))
   return cfg
 
 

@@ -91,3 +91,17 @@ def test_reused_records_stand_in_for_missing_runs_of_the_same_budget(tmp_path):
     perforation.reusable_records(str(path), dict(settings, mlm_steps=999))
   with pytest.raises(app.UsageError, match="no such file"):
     perforation.reusable_records(str(tmp_path / "missing.json"), settings)
+
+
+def test_full_budget_dense_sst2_run_is_the_tables_minilm_row():
+  # One run serves both benchmarks: the same config, so the same training.
+  from benchmarks import dendritic_bert_table  # pylint: disable=g-import-not-at-top
+  data = "/data/sst-2"
+  ours = perforation.sst2_config(False, perforation.BUDGETS["full"], data)
+  ours.seed = 0
+  table = dendritic_bert_table.row_config("minilm", dendritic_bert_table.BUDGETS["full"], 0,
+                                          f"local:{data}")
+  assert ours.to_dict() == table.to_dict()
+  perforated = perforation.sst2_config(True, perforation.BUDGETS["full"], data)
+  assert perforated.trainer.to_dict() == ours.trainer.to_dict()
+  assert perforated.optim.warmup_steps == ours.optim.warmup_steps
