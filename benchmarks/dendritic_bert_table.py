@@ -300,7 +300,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO.
   f = flags.FLAGS
   cli.reuse_memory(True)
-  start = time.time()
+  start = time.perf_counter()
   machine = common.machine()
   result = table(f.budget, f.workdir, f.data, tuple(f.rows))
   result["machine"] = machine
