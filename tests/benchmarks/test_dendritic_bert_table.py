@@ -23,6 +23,13 @@ def test_goals_compare_means_against_the_seed_spread():
   assert "minilm_cc_at_least_minilm" not in goals  # not built: not judged
   rows["dsn_gd"] = _row(0.862, 0.009)  # the same margin within a wider spread
   assert not dbt.check_goals(rows)["dsn_gd_beats_wide"]["met"]
+  # A tracker row that never switched is the plain model: no verdict, even where equal.
+  rows["minilm_gd"] = dict(_row(0.91, 0.0, seeds=1), dendrites_per_layer=[{}])
+  rows["dsn_gd"] = dict(_row(0.862, 0.004), dendrites_per_layer=[{}, {"h0": 1}, {}])
+  goals = dbt.check_goals(rows)
+  assert goals["minilm_gd_at_least_minilm"]["met"] is None
+  assert "no dendrite" in goals["minilm_gd_at_least_minilm"]["detail"]
+  assert goals["dsn_gd_beats_wide"]["met"]  # one seed added one: judged
 
 
 def test_row_configs_follow_the_budget():
