@@ -130,7 +130,7 @@ _FINETUNE = dict(lr=5e-5, warmup_steps=66, weight_decay=0.01)
 # 68% of the batches) compiles to 103 GFLOP, ~2.1 s at the 63.6% MFU of the 77.5 GFLOP/s
 # matmul peak measured for the GPT-2 step (WORKSPACE.md): an estimate, not an idle
 # measurement. Measured under load 12-16: 5.4 / 7.5 / 10.4 s per step at 32 / 48 / 64
-# tokens. Each evaluation of the 3,367 validation sentences costs ~5 TFLOP (~1.7 min), so
+# tokens; on quiet cores (2026-12-02) 1.1-1.4 s per step, 19-25 min per run. Each evaluation of the 3,367 validation sentences costs ~5 TFLOP (~1.7 min), so
 # the tracker sees 5 evaluations and switches after 2 without improvement; one dendrite
 # at most fits the budget (max_dendrites=1).
 _MINILM_BUDGET = dict(total_steps=1100, batch_size=32, log_every=50, eval_every=220,
