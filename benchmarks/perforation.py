@@ -241,11 +241,23 @@ def quality_records(out: str, budget: dict, save, seeds=(0,), only=(), reuse=())
                     mlm_loss=final["mlm_loss"], accuracy=final["accuracy"],
                     seq=cfg.data.seq_len)
     else:
-      record.update(mode="learned" if s else "none", dev_accuracy=final["accuracy"])
+      record.update(mode="learned" if s else "none", dev_accuracy=final["accuracy"],
+                    val_accuracy=final.get("val", {}).get("accuracy"),
+                    selected_step=final.get("selected_step"))
+      if s:  # The classification eval does not measure the mask: the last training rows do.
+        record["train_sparsity"] = last_train_value(workdir, "sparsity")
     records.append(record)
     print(json.dumps(records[-1]), flush=True)
     save(records)
   return records
+
+
+def last_train_value(workdir: str, key: str) -> float:
+  """`key` of the last training row of the run's metrics.jsonl (a mean over the steps
+  since the row before)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [r for r in rows if r["split"] == "train" and key in r][-1][key]
 
 
 def reusable_records(path: str, budget_settings: dict) -> list:

@@ -105,3 +105,11 @@ def test_full_budget_dense_sst2_run_is_the_tables_minilm_row():
   perforated = perforation.sst2_config(True, perforation.BUDGETS["full"], data)
   assert perforated.trainer.to_dict() == ours.trainer.to_dict()
   assert perforated.optim.warmup_steps == ours.optim.warmup_steps
+
+
+def test_last_train_value_reads_the_last_training_row(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  rows = [dict(step=50, split="train", sparsity=0.2), dict(step=100, split="train", sparsity=0.4),
+          dict(step=100, split="val", accuracy=0.9)]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  assert perforation.last_train_value(str(tmp_path), "sparsity") == 0.4
