@@ -40,8 +40,8 @@ def test_sigterm_checkpoints_the_run_and_stops_the_benchmark(tmp_path):
 
 def test_op_breakdown_names_the_train_step_s_own_ops_largest_first():
   """A GPT-2 step whose 16,384-way output layer of width 128 is most of its work: the
-  breakdown's first op must be one of that layer's three matmuls (forward, and the
-  gradients of its input and of the tied embedding), and profiling takes steps."""
+  breakdown's first op must be that layer's (one of its three matmuls, or the softmax
+  over its logits), and profiling takes steps."""
   cfg = gpt2_lm.get_config("smoke")
   cfg.model.n_embd, vocab = 128, 16384
   model = tasks.build_lm_model(cfg, vocab)
@@ -57,10 +57,14 @@ def test_op_breakdown_names_the_train_step_s_own_ops_largest_first():
   assert len(ops) == 4 and breakdown["summed_op_s"] > 0
   assert [op["ms"] for op in ops] == sorted((op["ms"] for op in ops), reverse=True)
   assert 0 < sum(op["share"] for op in ops) <= 1 + 1e-9
-  # Results: logits [256, 16384], input gradient [256, 128], embedding gradient
-  # [16384, 128]. XLA:CPU's thunk order decides which of the three is largest.
-  output_layer = {"f32[256,16384]", "f32[256,128]", "f32[16384,128]"}
-  assert "dot_general" in ops[0]["source"] and ops[0]["shape"] in output_layer, ops
+  # The output layer's ops: the logits matmul [256, 16384], the input gradient
+  # [256, 128], the embedding gradient [16384, 128] and the softmax's exp over
+  # [8, 32, 16384]. Which is largest depends on XLA:CPU's kernels and on what else
+  # shares the cores (under pytest-xdist the exp fusion has come first).
+  top = ops[0]
+  assert top["source"].startswith("jit(train_step)"), ops
+  assert "16384" in top["shape"] or (top["shape"] == "f32[256,128]"
+                                     and "dot_general" in top["source"]), ops
   state, _ = run()
   assert int(state.step) == 7  # Three runs, three profiled, this one.
 
