@@ -14,7 +14,10 @@ runs whose directories are gone from an earlier perforation.json of the same bud
 1. Speed (no training: the cost depends only on the row budget, which the learned mask
    and every baseline share at a given target). MiniLM-L6 sizes (6 x 384, 12 heads),
    batch 1, at sequence 512 (block 64, an 8 x 8 mask) and 2048 (block 128, 16 x 16; the
-   position table is widened with random rows, so this is a timing model only). For
+   position table is widened with random rows, so this is a timing model only), and at
+   64 (block 16, a 4 x 4 mask: the SST-2 runs' longest length bucket; most SST-2
+   sentences fit the 16- and 32-token buckets, one or two tiles per row, where a block
+   mask has nothing to skip). For
    dense and each target sparsity: compiled FLOPs and forward time of one attention
    (`ponder.ops.attention`, impl "auto" = the gathered XLA path on CPU) against
    `jax.nn.dot_product_attention`, and of the whole perforated encoder against the
@@ -66,11 +69,12 @@ BUDGETS = {
     "short": dict(mlm_steps=4, mlm_batch=2, eval_windows=4, sweep=SPARSITIES,
                   baseline_sparsities=(0.5,),
                   sst2_steps=8, sst2_batch=8, sst2_valid_fraction=0.01, runs=2,
-                  speed_seqs={512: 64, 2048: 128}, preset="minilm_l6", smoke=False),
+                  speed_seqs={64: 16, 512: 64, 2048: 128}, preset="minilm_l6",
+                  smoke=False),
     "full": dict(mlm_steps=150, mlm_batch=8, eval_windows=48, sweep=SPARSITIES,
                  baseline_sparsities=(0.3, 0.5, 0.7), sst2_steps=1100, sst2_batch=32,
-                 sst2_valid_fraction=0.05, runs=5, speed_seqs={512: 64, 2048: 128},
-                 preset="minilm_l6", smoke=False),
+                 sst2_valid_fraction=0.05, runs=5,
+                 speed_seqs={64: 16, 512: 64, 2048: 128}, preset="minilm_l6", smoke=False),
 }
 
 
@@ -371,6 +375,19 @@ def masks_plot(workdir: str, path: str) -> dict:
   return {"tiles_differing_between_windows": float(np.mean(hard[:, 0] != hard[:, 1]))}
 
 
+def parse_speed_seqs(items) -> dict:
+  """["64:16", "512:64"] -> {64: 16, 512: 64} (sequence -> block)."""
+  seqs = {}
+  for item in items:
+    seq, _, block = item.partition(":")
+    if not (seq.isdigit() and block.isdigit() and int(block) > 0
+            and int(seq) % int(block) == 0):
+      raise app.UsageError(f"--speed_seqs: {item!r} is not SEQ:BLOCK with BLOCK dividing "
+                           "SEQ (e.g. 64:16)")
+    seqs[int(seq)] = int(block)
+  return seqs
+
+
 def define_flags() -> None:
   """The command line's flags, defined only when this module runs as a program (so
   tests can import it beside the other benchmarks)."""
@@ -389,6 +406,8 @@ def define_flags() -> None:
   flags.DEFINE_string("reuse", "", "an earlier perforation.json of the same budget (e.g. "
                       "results/perforation/perforation_full.json): its runs are not "
                       "trained again where DIR/runs has no finished copy")
+  flags.DEFINE_list("speed_seqs", [], "time only these SEQ:BLOCK cases (e.g. 64:16) "
+                    "instead of the budget's")
   flags.DEFINE_bool("skip_speed", False,
                     "only the quality part (speed is measured by a later run without it, "
                     "on quiet cores; training does not care about load)")
@@ -399,7 +418,9 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO.
   out = FLAGS.out or "results/perforation"
   os.makedirs(out, exist_ok=True)
-  budget = BUDGETS[FLAGS.budget]
+  budget = dict(BUDGETS[FLAGS.budget])
+  if FLAGS.speed_seqs:
+    budget["speed_seqs"] = parse_speed_seqs(FLAGS.speed_seqs)
   start = os.getloadavg()
   result = dict(machine=common.machine(), budget=FLAGS.budget, impl=FLAGS.impl,
                 budget_settings={k: v for k, v in budget.items() if k != "speed_seqs"},

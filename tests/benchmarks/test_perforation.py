@@ -113,3 +113,12 @@ def test_last_train_value_reads_the_last_training_row(tmp_path):
           dict(step=100, split="val", accuracy=0.9)]
   (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
   assert perforation.last_train_value(str(tmp_path), "sparsity") == 0.4
+
+
+def test_speed_seqs_flag_parses_seq_block_pairs_and_rejects_the_rest():
+  import pytest  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  assert perforation.parse_speed_seqs(["64:16", "512:64"]) == {64: 16, 512: 64}
+  for bad in ("64", "64:0", "64:24", "x:16"):
+    with pytest.raises(app.UsageError, match="SEQ:BLOCK"):
+      perforation.parse_speed_seqs([bad])
