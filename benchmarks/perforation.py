@@ -6,7 +6,8 @@ fixed baselines, and what the block mask saves in compiled FLOPs and CPU time.
       [--skip_speed | --skip_quality] [--seeds=0,1] [--only=mlm_dense,mlm_perforated_50]
       [--reuse=results/perforation/perforation_full.json]
 
-Writes DIR/perforation.json, DIR/sparsity_sweep.png and DIR/masks.png; the training
+Writes DIR/perforation.json, DIR/sparsity_sweep.png, DIR/masks.png and
+DIR/sst2_by_length.png (SST-2 accuracy by sentence length, dense and perforated); the training
 runs live in DIR/runs/<name> (train.main workdirs), so a rerun resumes an interrupted
 run and reuses finished ones (their final_metrics.json); `--reuse` takes the records of
 runs whose directories are gone from an earlier perforation.json of the same budget.
@@ -49,6 +50,7 @@ from configs import dendritic_bert
 from configs import perforation as perforation_configs
 from models import bert
 from ponder import ops
+from ponder.data import glue
 from ponder.analysis import flops
 from ponder.analysis import timing
 from ponder.nn import perforation as P
@@ -250,10 +252,46 @@ def quality_records(out: str, budget: dict, save, seeds=(0,), only=(), reuse=())
                     selected_step=final.get("selected_step"))
       if s:  # The classification eval does not measure the mask: the last training rows do.
         record["train_sparsity"] = last_train_value(workdir, "sparsity")
+      record["by_length"] = sst2_by_length(workdir)
     records.append(record)
     print(json.dumps(records[-1]), flush=True)
     save(records)
   return records
+
+
+def accuracy_by_bucket(lengths, correct, buckets) -> dict:
+  """{bucket: {n, accuracy}} of examples grouped by the smallest bucket that holds each
+  one's own token count (not the batch's padded length); keys are strings, as JSON has
+  them, so fresh and reused records compare."""
+  lengths, correct = np.asarray(lengths), np.asarray(correct, np.float64)
+  own = np.array([glue.bucket_length(int(n), buckets) for n in lengths], np.int64)
+  return {str(b): dict(n=int((own == b).sum()), accuracy=float(correct[own == b].mean()))
+          for b in sorted(buckets) if (own == b).any()}
+
+
+def sst2_by_length(workdir: str) -> dict:
+  """Accuracy of an SST-2 run's selected parameters by sentence length, on validation
+  (5% of train.tsv: mostly short phrases) and dev (whole sentences, longer), in the
+  run's own evaluation batches. The mask has tiles to skip only where a sentence spans
+  three or more key blocks (at block 16, beyond 32 tokens: the diagonal and the [CLS]
+  column are always kept), so a perforated model's loss is to be looked for there.
+  `overall` equals the run's reported accuracy (the same batches)."""
+  cfg, task, params, _, _ = trainer.restore_run(workdir, selected=True)
+  buckets = tuple(int(b) for b in str(cfg.data.buckets).split(","))
+  logits_of = jax.jit(lambda p, b: task.model.apply(
+      {"params": p}, b["input_ids"], b["attention_mask"], b["token_type_ids"], train=False))
+  out = {}
+  for split, batches in (("valid", task.eval_batches), ("dev", task.test_batches)):
+    lengths, correct = [], []
+    for b in batches():
+      real = b["mask"] > 0
+      logits = np.asarray(logits_of(params, {k: jnp.asarray(v) for k, v in b.items()}))
+      lengths.append(b["attention_mask"].sum(-1)[real])
+      correct.append((logits.argmax(-1) == b["label"])[real])
+    lengths, correct = np.concatenate(lengths), np.concatenate(correct)
+    out[split] = dict(overall=float(correct.mean()),
+                      buckets=accuracy_by_bucket(lengths, correct, buckets))
+  return out
 
 
 def last_train_value(workdir: str, key: str) -> float:
@@ -342,6 +380,41 @@ def sweep_plot(quality: list, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def sst2_length_plot(quality: list, path: str) -> bool:
+  """Validation and dev accuracy by sentence-length bucket, dense against perforated
+  (means over seeds; n per bucket in the tick labels). False (nothing drawn) when no
+  SST-2 record has `by_length`."""
+  runs = {}
+  for r in quality:
+    if r["task"] == "sst2" and "by_length" in r:
+      runs.setdefault(r["run"], []).append(r["by_length"])
+  if not runs:
+    return False
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+  for ax, split in zip(axes, ("valid", "dev")):
+    first = next(iter(runs.values()))[0][split]["buckets"]
+    buckets = sorted(first, key=int)
+    for i, (name, seeds) in enumerate(sorted(runs.items())):
+      acc = [100 * np.mean([s[split]["buckets"][b]["accuracy"] for s in seeds
+                            if b in s[split]["buckets"]]) for b in buckets]
+      ax.bar(np.arange(len(buckets)) + 0.4 * i - 0.2, acc, width=0.4,
+             label=f"{name} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
+    ax.set_xticks(range(len(buckets)))
+    ax.set_xticklabels([f"<= {b}\nn={first[b]['n']}" for b in buckets], fontsize=8)
+    ax.set_xlabel("tokens per sentence ([CLS] and [SEP] included)")
+    ax.set_title({"valid": "validation (5% of train)", "dev": "GLUE dev"}[split])
+    ax.set_ylim(50, 100)
+  axes[0].set_ylabel("accuracy (%)")
+  axes[0].legend(fontsize=7, loc="lower left")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
 
 
 def masks_plot(workdir: str, path: str) -> dict:
@@ -446,6 +519,7 @@ def main(argv):
     result["goals"] = goals(result["speed"], result["quality"])
     common.write_json(path, result)
     sweep_plot(result["quality"], os.path.join(out, "sparsity_sweep.png"))
+    sst2_length_plot(result["quality"], os.path.join(out, "sst2_by_length.png"))
     if os.path.exists(os.path.join(out, "runs", "mlm_perforated_50", "final_metrics.json")):
       result["masks"] = masks_plot(os.path.join(out, "runs", "mlm_perforated_50"),
                                    os.path.join(out, "masks.png"))

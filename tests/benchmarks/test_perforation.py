@@ -122,3 +122,24 @@ def test_speed_seqs_flag_parses_seq_block_pairs_and_rejects_the_rest():
   for bad in ("64", "64:0", "64:24", "x:16"):
     with pytest.raises(app.UsageError, match="SEQ:BLOCK"):
       perforation.parse_speed_seqs([bad])
+
+
+def test_accuracy_by_bucket_groups_by_each_sentence_s_own_length():
+  # Lengths 5 and 16 fall in bucket 16, 17 and 32 in 32, 40 in 64; none in 128.
+  got = perforation.accuracy_by_bucket([5, 16, 17, 32, 40], [1, 0, 1, 1, 0],
+                                       (16, 32, 64, 128))
+  assert got == {"16": dict(n=2, accuracy=0.5), "32": dict(n=2, accuracy=1.0),
+                 "64": dict(n=1, accuracy=0.0)}
+
+
+def test_sst2_length_plot_is_drawn_from_records_that_have_lengths(tmp_path):
+  by_length = {split: dict(overall=0.9, buckets={"16": dict(n=3, accuracy=0.9),
+                                                 "32": dict(n=2, accuracy=0.8)})
+               for split in ("valid", "dev")}
+  quality = [dict(run="sst2_dense", task="sst2", seed=0, by_length=by_length),
+             dict(run="sst2_perforated_50", task="sst2", seed=0, by_length=by_length),
+             dict(run="mlm_dense", task="mlm", seed=0)]
+  assert perforation.sst2_length_plot(quality, str(tmp_path / "lengths.png"))
+  assert (tmp_path / "lengths.png").stat().st_size > 1000
+  assert not perforation.sst2_length_plot(quality[2:], str(tmp_path / "none.png"))
+  assert not (tmp_path / "none.png").exists()
