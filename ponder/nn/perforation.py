@@ -13,7 +13,9 @@ What each piece is, and where it departs from the seed's sketch:
 
       s_hij = (q_bar_hi . k_bar_hj) / sqrt(d) * exp(-log_tau_h) + beta_h      (1)
 
-  with a learned per-head temperature tau_h and bias beta_h. The seed's importance
+  with a learned per-head temperature tau_h and bias beta_h; a key block with no real
+  token scores -1e9 (never kept: padded SST-2 batches would otherwise spend [CLS]'s
+  row budget on padding tiles, which by (1) score beta_h). The seed's importance
   network (query/key projections of the hidden states times a [512, 512, h] positional
   table, then a threshold MLP) scores every token pair, which costs as much as the
   attention it is meant to skip; (1) scores tile pairs from the projections the
@@ -167,13 +169,25 @@ def pool_blocks(x, valid, block: int):
   return total / jnp.maximum(count, 1.0)[:, None, :, None]
 
 
+# The score of a key block with no real token: far below any real score and any
+# logistic noise, so such a tile is never kept unless forced (sigmoid gives exactly 0).
+PADDING_SCORE = -1e9
+
+
 def block_scores(q, k, valid, *, block: int, log_tau, bias):
   """Eq. (1): scaled dot products of pooled q and k blocks, per-head temperature and
-  bias. q, k `[b, h, t, d]`; log_tau, bias `[h]`; returns float32 `[b, h, nb, nb]`."""
+  bias. q, k `[b, h, t, d]`; log_tau, bias `[h]`; returns float32 `[b, h, nb, nb]`.
+  Key blocks that are all padding score PADDING_SCORE: attention gives their keys no
+  weight, so keeping such a tile would only spend the row's budget (by (1) alone its
+  score would be beta_h, above every real tile with q_bar . k_bar < 0)."""
   qb = pool_blocks(q.astype(jnp.float32), valid, block)
   kb = pool_blocks(k.astype(jnp.float32), valid, block)
   s = jnp.einsum("bhid,bhjd->bhij", qb, kb) / math.sqrt(q.shape[-1])
-  return s * jnp.exp(-log_tau)[None, :, None, None] + bias[None, :, None, None]
+  s = s * jnp.exp(-log_tau)[None, :, None, None] + bias[None, :, None, None]
+  nb = kb.shape[2]
+  real = jnp.pad(valid, ((0, 0), (0, nb * block - valid.shape[1]))).reshape(
+      valid.shape[0], nb, block).any(-1)
+  return jnp.where(real[:, None, None, :], s, PADDING_SCORE)
 
 
 def forced_tiles(nb: int, *, cls_column: bool, cls_row: bool):

@@ -73,8 +73,33 @@ def test_block_scores_match_a_numpy_loop():
           cols = [c for c in range(16 * j, min(16 * j + 16, 40)) if vn[b, c]]
           qm = qn[b, h, rows].mean(0) if rows else np.zeros(8)
           km = kn[b, h, cols].mean(0) if cols else np.zeros(8)
-          want[b, h, i, j] = qm @ km / math.sqrt(8) * math.exp(-log_tau[h]) + bias[h]
+          want[b, h, i, j] = (qm @ km / math.sqrt(8) * math.exp(-log_tau[h]) + bias[h]
+                              if cols else P.PADDING_SCORE)  # Example 1's key block 2.
   chex.assert_trees_all_close(got, want.astype(np.float32), atol=1e-5)
+
+
+def test_padding_key_blocks_are_never_kept_and_give_no_nan():
+  """A sentence of 20 tokens padded to 64 (block 16: real key blocks 0 and 1). Every
+  head's bias is 2 and every real tile's q . k is negative, so by Eq. (1) alone each
+  padding tile (score = bias) would outrank real key block 1 in [CLS]'s row."""
+  q = jnp.ones((1, 2, 64, 8))
+  k = -jnp.ones((1, 2, 64, 8))
+  valid = jnp.arange(64)[None] < 20
+  scores = P.block_scores(q, k, valid, block=16, log_tau=jnp.zeros(2),
+                          bias=jnp.full(2, 2.0))
+  forced = P.forced_tiles(4, cls_column=True, cls_row=False)
+  hard = np.asarray(P.hard_mask(scores + 10.0, forced, 2))  # Real scores made positive.
+  # Rows 0 and 1 (real queries) keep exactly the two real tiles; no row keeps a padding
+  # key block unless it is forced (the padding rows' own diagonal).
+  np.testing.assert_array_equal(hard[0, :, :2, :], np.ones((2, 2, 4)) * [1, 1, 0, 0])
+  assert not hard[0, :, :, 2:][..., ~np.asarray(forced)[:, 2:]].any()
+
+  def soft_total(log_tau):
+    s = P.block_scores(q, k, valid, block=16, log_tau=log_tau, bias=jnp.full(2, 2.0))
+    _, soft = P.relaxed_mask(s, jax.random.key(0), 0.2, 0.0)
+    return soft.sum(), soft
+  (_, soft), grad = jax.value_and_grad(soft_total, has_aux=True)(jnp.zeros(2))
+  assert float(jnp.abs(soft[..., 2:]).max()) == 0.0 and bool(jnp.all(jnp.isfinite(grad)))
 
 
 def test_masked_attention_matches_the_kernel_reference():
