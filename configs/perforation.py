@@ -93,7 +93,7 @@ def get_config(arg=None):
         init_from="minilm",          # minilm (the installed package) | DIR | hub id | "" = random
         preset="",                   # bert.PRESETS sizes for random init ("" with init_from)
         hidden_dropout=0.1,          # dropout on embeddings and residual branches
-        attention_dropout=0.1,       # dropout on attention probabilities (dense path only)
+        attention_dropout=0.1,       # dropout on attention probabilities (masked path too)
         dtype=common.default_compute_dtype(),  # matmul operands: bf16 on GPU/TPU, else f32
     )
     c.data = dict(

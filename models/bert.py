@@ -248,7 +248,9 @@ def _perforated_attention(module: nn.Module, q, k, v, key_mask, *, gate, train: 
   max_active_blocks (kernel on GPU/TPU, gathered XLA on CPU), or the masked dense path
   when ctrl.impl == "dense". Sows "perforation_soft" (training, learned / static modes)
   and "perforation_hard" into "intermediates" for the regulariser and the metrics.
-  Attention-probability dropout is not applied on this path.
+  Training applies the attention-probability dropout of the dense path to the
+  renormalised probabilities, so a perforated model differs from the dense one only in
+  its mask.
   """
   cfg = module.config
   spec = cfg.perforation
@@ -273,8 +275,11 @@ def _perforated_attention(module: nn.Module, q, k, v, key_mask, *, gate, train: 
   module.sow("intermediates", "perforation_hard", hard)
   impl = "auto" if ctrl is None else ctrl.impl
   if train or impl == "dense":
+    dropout = None
+    if train and cfg.attention_probs_dropout_prob > 0:
+      dropout = nn.Dropout(cfg.attention_probs_dropout_prob, deterministic=False)
     out = attention_perforation.masked_attention(qh, kh, vh, mask, key_mask,
-                                                 block=spec.block)
+                                                 block=spec.block, dropout=dropout)
   else:
     out = ponder.ops.attention(
         qh, kh, vh, hard, kv_padding=~key_mask, impl=impl,

@@ -47,7 +47,7 @@ What each piece is, and where it departs from the seed's sketch:
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import flax
 from flax import traverse_util
@@ -325,12 +325,15 @@ def layer_mask(scorer: Optional[nn.Module], spec: PerforationSpec, q, k, valid, 
   return mask, soft, mask > 0.5
 
 
-def masked_attention(q, k, v, block_mask, key_valid, *, block: int):
+def masked_attention(q, k, v, block_mask, key_valid, *, block: int,
+                     dropout: Optional[Callable] = None):
   """Softmax attention renormalised over the kept tiles (the kernel's semantics), with
   a real-valued block mask m so gradients reach it:
       P_ij = m_ij e^{s_ij} / sum_l m_il e^{s_il},  s = q k^T / sqrt(d), padding keys out.
   q, k, v `[b, h, t, d]`; block_mask `[b|1, h|1, nb, nb]`; key_valid `[b, t]`.
-  Rows with nothing kept give zeros, as the kernel does.
+  Rows with nothing kept give zeros, as the kernel does. `dropout` (P -> P), applied
+  to the probabilities before they weight v, is BERT's attention dropout: a perforated
+  model then trains with the same regularisation as the dense one.
 
   Gradient to a dropped tile (m_T = 0): the secant from dropped to kept instead of the
   tangent at 0. Row i's output along m_T is o(m_T) = (A + m_T B) / (D + m_T W), with D
@@ -368,6 +371,8 @@ def masked_attention(q, k, v, block_mask, key_valid, *, block: int):
   w = m * e
   den = w.sum(-1, keepdims=True)
   p = w / jnp.where(den > 0, den, 1.0)
+  if dropout is not None:
+    p = dropout(p)
   return jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v)
 
 

@@ -2,6 +2,8 @@
 training path equals the kernel inference path, the jitted kernel path with a mask that
 changes per input compiles once, and the tied MLM head."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -80,6 +82,20 @@ def test_training_needs_the_control():
   with pytest.raises(errors.ConfigError, match="perforation=attention_perforation.control"):
     model.apply(params, *batch(1), train=True, rngs={"dropout": jax.random.key(1),
                                                     "perforation": jax.random.key(2)})
+
+
+def test_perforated_training_applies_attention_dropout():
+  # A fixed pattern (no scorer noise) and no hidden dropout: the only randomness left in
+  # a training forward is the attention dropout, as on the dense path.
+  def hidden(rate, seed):
+    cfg = dataclasses.replace(tiny("bigbird"), hidden_dropout_prob=0.0,
+                              attention_probs_dropout_prob=rate)
+    model = bert.Bert(cfg)
+    params = model.init(jax.random.key(0), *batch(0))
+    return model.apply(params, *batch(1), train=True, perforation=P.control(0, cfg.perforation),
+                       rngs={"dropout": jax.random.key(seed)}).last_hidden_state
+  assert not np.allclose(hidden(0.5, 1), hidden(0.5, 2), atol=1e-3)
+  chex.assert_trees_all_close(hidden(0.0, 1), hidden(0.0, 2))
 
 
 def test_mlm_head_is_tied_and_scores_only_the_given_positions():

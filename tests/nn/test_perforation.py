@@ -112,6 +112,16 @@ def test_masked_attention_matches_the_kernel_reference():
   chex.assert_trees_all_close(got, want, atol=2e-5)
 
 
+def test_masked_attention_dropout_acts_on_the_probabilities():
+  # Attention is linear in P, so doubling the probabilities doubles the output.
+  q, k, v = qkv(t=40)
+  valid = jnp.arange(40)[None] < jnp.array([[40], [27]])
+  mask = jnp.ones((1, 1, 3, 3)).at[..., 2, 0].set(0.0)
+  plain = P.masked_attention(q, k, v, mask, valid, block=16)
+  doubled = P.masked_attention(q, k, v, mask, valid, block=16, dropout=lambda p: 2 * p)
+  chex.assert_trees_all_close(doubled, 2 * plain, atol=1e-5)
+
+
 def test_relaxation_gradient_reaches_the_scorer():
   q, k, v = qkv(t=32)
   valid = jnp.ones((2, 32), bool)
