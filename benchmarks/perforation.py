@@ -211,8 +211,9 @@ def quality_records(out: str, budget: dict, save, seeds=(0,), only=(), reuse=())
   read and reported. Seed 0 lives in runs/<name>, seed k in runs/<name>_seed<k>.
   `reuse`: records of an earlier benchmark at the same budget (its perforation.json);
   a run that has no finished workdir here takes its record from there (marked
-  `reused_from`) instead of training again: run directories do not outlive a machine,
-  the committed records do."""
+  `reused_from`) instead of training again, unless `only` names it (retrain it after a
+  change to the code it ran): run directories do not outlive a machine, the committed
+  records do."""
   reused = {(r["run"], r.get("seed", 0)): r for r in reuse}
   first = [("mlm_dense", "mlm_dense", 0.0), ("mlm_perforated_50", "mlm_perforated", 0.5)]
   first += [(f"mlm_{mode}_50", f"mlm_{mode}", 0.5) for mode in BASELINES
@@ -228,7 +229,7 @@ def quality_records(out: str, budget: dict, save, seeds=(0,), only=(), reuse=())
   for name, kind, preset, s, seed in runs:
     workdir = os.path.join(out, "runs", name if seed == 0 else f"{name}_seed{seed}")
     finished = os.path.exists(os.path.join(workdir, "final_metrics.json"))
-    if not finished and (name, seed) in reused:
+    if not finished and (name, seed) in reused and name not in only:
       records.append(reused[(name, seed)])
       save(records)
       continue

@@ -67,8 +67,11 @@ def test_goals_use_the_mean_over_seeds_and_tolerate_missing_sst2():
   assert perforation.goals(speed, only_two)["mlm_50_beats_every_fixed_pattern"] is None
 
 
-def test_reused_records_stand_in_for_missing_runs_of_the_same_budget(tmp_path):
+def test_reused_records_stand_in_for_missing_runs_of_the_same_budget(tmp_path, monkeypatch):
   import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
   import pytest  # pylint: disable=g-import-not-at-top
   from absl import app  # pylint: disable=g-import-not-at-top
   budget = perforation.BUDGETS["smoke"]
@@ -87,6 +90,20 @@ def test_reused_records_stand_in_for_missing_runs_of_the_same_budget(tmp_path):
                                     seeds=(0,), only=("none",), reuse=reuse)
   assert [(r["run"], r["seed"]) for r in got] == [("mlm_dense", 0), ("sst2_dense", 0)]
   assert saved[-1] == got and got[0]["mlm_loss"] == 5.3
+  # A run that `only` names is trained again (after a code change), not reused.
+  trained = []
+  fake_cfg = ml_collections.ConfigDict(dict(
+      seed=0, trainer=dict(total_steps=2, batch_size=2), perforation=dict(mode="none"),
+      data=dict(seq_len=32)))
+  monkeypatch.setattr(perforation, "FLAGS", types.SimpleNamespace(wikitext="", sst2=""))
+  monkeypatch.setattr(perforation, "mlm_config", lambda *args: fake_cfg)
+  monkeypatch.setattr(perforation, "run_once", lambda cfg, workdir: trained.append(
+      workdir) or dict(mlm_loss=1.0, accuracy=0.5))
+  got = perforation.quality_records(str(tmp_path / "out"), budget, saved.append,
+                                    seeds=(0,), only=("mlm_dense",), reuse=reuse)
+  assert [os.path.basename(w) for w in trained] == ["mlm_dense"]
+  assert got[0]["mlm_loss"] == 1.0 and "reused_from" not in got[0]
+  assert got[1]["run"] == "sst2_dense" and got[1]["reused_from"] == str(path)
   with pytest.raises(app.UsageError, match="budget settings"):
     perforation.reusable_records(str(path), dict(settings, mlm_steps=999))
   with pytest.raises(app.UsageError, match="no such file"):
