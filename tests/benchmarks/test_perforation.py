@@ -160,3 +160,10 @@ def test_sst2_length_plot_is_drawn_from_records_that_have_lengths(tmp_path):
   assert (tmp_path / "lengths.png").stat().st_size > 1000
   assert not perforation.sst2_length_plot(quality[2:], str(tmp_path / "none.png"))
   assert not (tmp_path / "none.png").exists()
+
+
+def test_sst2_by_length_is_read_back_from_the_workdir(tmp_path):
+  # An empty workdir would fail to restore: the kept file must be what answers.
+  kept = {"dev": dict(overall=0.5, buckets={"16": dict(n=2, accuracy=0.5)})}
+  (tmp_path / "by_length.json").write_text(__import__("json").dumps(kept))
+  assert perforation.sst2_by_length(str(tmp_path)) == kept
