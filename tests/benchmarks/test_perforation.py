@@ -163,7 +163,8 @@ def test_sst2_length_plot_is_drawn_from_records_that_have_lengths(tmp_path):
 
 
 def test_sst2_by_length_is_read_back_from_the_workdir(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
   # An empty workdir would fail to restore: the kept file must be what answers.
   kept = {"dev": dict(overall=0.5, buckets={"16": dict(n=2, accuracy=0.5)})}
-  (tmp_path / "by_length.json").write_text(__import__("json").dumps(kept))
+  (tmp_path / "by_length.json").write_text(json.dumps(kept))
   assert perforation.sst2_by_length(str(tmp_path)) == kept
