@@ -260,22 +260,32 @@ def quality_records(out: str, budget: dict, save, seeds=(0,), only=(), reuse=())
   return records
 
 
-def accuracy_by_bucket(lengths, correct, buckets) -> dict:
-  """{bucket: {n, accuracy}} of examples grouped by the smallest bucket that holds each
-  one's own token count (not the batch's padded length); keys are strings, as JSON has
-  them, so fresh and reused records compare."""
-  lengths, correct = np.asarray(lengths), np.asarray(correct, np.float64)
+def mean_by_bucket(lengths, buckets, **per_example) -> dict:
+  """{bucket: {n, name: mean}} of examples grouped by the smallest bucket that holds
+  each one's own token count (not the batch's padded length), for each per-example
+  array in `per_example`; keys are strings, as JSON has them, so fresh and reused
+  records compare."""
   own = np.array([glue.bucket_length(int(n), buckets) for n in lengths], np.int64)
-  return {str(b): dict(n=int((own == b).sum()), accuracy=float(correct[own == b].mean()))
-          for b in sorted(buckets) if (own == b).any()}
+  return {str(b): dict(n=int((own == b).sum()), **{
+      name: float(np.mean(np.asarray(v, np.float64)[own == b]))
+      for name, v in per_example.items()}) for b in sorted(buckets) if (own == b).any()}
+
+
+def real_tile_sparsity(hard, lengths, block: int):
+  """Per example, the share of its real tiles (query and key blocks that hold a real
+  token) that the hard masks `[layers, b, heads, nq, nk]` drop, over layers and heads."""
+  hard = np.asarray(hard)
+  return np.array([1.0 - hard[:, e, :, :r, :r].mean() for e, r in
+                   enumerate(-(-np.asarray(lengths) // block))])
 
 
 def sst2_by_length(workdir: str) -> dict:
   """Accuracy of an SST-2 run's selected parameters by sentence length, on validation
   (5% of train.tsv: mostly short phrases) and dev (whole sentences, longer), in the
-  run's own evaluation batches. The mask has tiles to skip only where a sentence spans
-  three or more key blocks (at block 16, beyond 32 tokens: the diagonal and the [CLS]
-  column are always kept), so a perforated model's loss is to be looked for there.
+  run's own evaluation batches; for a perforated run also the share of real tiles its
+  masks drop. With the diagonal and the [CLS] column always kept, a sentence of one
+  block (at block 16, up to 16 tokens) loses nothing; one of two blocks has a single
+  free tile, [CLS]'s row reading key block 1, the row the classifier reads.
   `overall` equals the run's reported accuracy (the same batches). Kept in the
   workdir's by_length.json, so a rerun of the benchmark does not evaluate again."""
   path = os.path.join(workdir, "by_length.json")
@@ -284,19 +294,36 @@ def sst2_by_length(workdir: str) -> dict:
       return json.load(f)
   cfg, task, params, _, _ = trainer.restore_run(workdir, selected=True)
   buckets = tuple(int(b) for b in str(cfg.data.buckets).split(","))
-  logits_of = jax.jit(lambda p, b: task.model.apply(
-      {"params": p}, b["input_ids"], b["attention_mask"], b["token_type_ids"], train=False))
+  spec = getattr(getattr(task.model, "config", None), "perforation", None)
+
+  @jax.jit
+  def forward(p, b):
+    logits, sown = task.model.apply(
+        {"params": p}, b["input_ids"], b["attention_mask"], b["token_type_ids"],
+        train=False, mutable=["intermediates"])
+    hard = P.collect(sown["intermediates"], "perforation_hard") if spec else None
+    return logits, hard
+
   out = {}
   for split, batches in (("valid", task.eval_batches), ("dev", task.test_batches)):
-    lengths, correct = [], []
+    lengths, per_example = [], {"accuracy": []}
+    if spec:
+      per_example["real_tile_sparsity"] = []
     for b in batches():
       real = b["mask"] > 0
-      logits = np.asarray(logits_of(params, {k: jnp.asarray(v) for k, v in b.items()}))
-      lengths.append(b["attention_mask"].sum(-1)[real])
-      correct.append((logits.argmax(-1) == b["label"])[real])
-    lengths, correct = np.concatenate(lengths), np.concatenate(correct)
-    out[split] = dict(overall=float(correct.mean()),
-                      buckets=accuracy_by_bucket(lengths, correct, buckets))
+      logits, hard = forward(params, {k: jnp.asarray(v) for k, v in b.items()})
+      n = b["attention_mask"].sum(-1)
+      lengths.append(n[real])
+      per_example["accuracy"].append((np.asarray(logits).argmax(-1) == b["label"])[real])
+      if spec:
+        per_example["real_tile_sparsity"].append(
+            real_tile_sparsity(hard, n, spec.block)[real])
+    lengths = np.concatenate(lengths)
+    per_example = {k: np.concatenate(v) for k, v in per_example.items()}
+    out[split] = dict(overall=float(per_example["accuracy"].mean()),
+                      buckets=mean_by_bucket(lengths, buckets, **per_example))
+    if spec:
+      out[split]["real_tile_sparsity"] = float(per_example["real_tile_sparsity"].mean())
   common.write_json(path, out)
   return out
 

@@ -141,12 +141,26 @@ def test_speed_seqs_flag_parses_seq_block_pairs_and_rejects_the_rest():
       perforation.parse_speed_seqs([bad])
 
 
-def test_accuracy_by_bucket_groups_by_each_sentence_s_own_length():
+def test_mean_by_bucket_groups_by_each_sentence_s_own_length():
   # Lengths 5 and 16 fall in bucket 16, 17 and 32 in 32, 40 in 64; none in 128.
-  got = perforation.accuracy_by_bucket([5, 16, 17, 32, 40], [1, 0, 1, 1, 0],
-                                       (16, 32, 64, 128))
-  assert got == {"16": dict(n=2, accuracy=0.5), "32": dict(n=2, accuracy=1.0),
-                 "64": dict(n=1, accuracy=0.0)}
+  got = perforation.mean_by_bucket([5, 16, 17, 32, 40], (16, 32, 64, 128),
+                                   accuracy=[1, 0, 1, 1, 0], other=[0, 2, 4, 6, 8])
+  assert got == {"16": dict(n=2, accuracy=0.5, other=1.0),
+                 "32": dict(n=2, accuracy=1.0, other=5.0),
+                 "64": dict(n=1, accuracy=0.0, other=8.0)}
+
+
+def test_real_tile_sparsity_counts_only_tiles_of_real_blocks():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  # One layer, one head, a 3 x 3 grid of block 16. Example 0 (20 tokens: 2 x 2 real
+  # tiles) drops one of its 4; example 1 (40 tokens: 3 x 3) drops 3 of 9. Tiles
+  # outside the real blocks (example 0's third row and column) do not count.
+  hard = np.ones((1, 2, 1, 3, 3), bool)
+  hard[0, 0, 0, 0, 1] = False
+  hard[0, 0, 0, 2, :] = False
+  hard[0, 1, 0, [0, 1, 2], [2, 2, 1]] = False
+  got = perforation.real_tile_sparsity(hard, np.array([20, 40]), 16)
+  np.testing.assert_allclose(got, [0.25, 1 / 3])
 
 
 def test_sst2_length_plot_is_drawn_from_records_that_have_lengths(tmp_path):
