@@ -1,6 +1,6 @@
 """The diagnostic behind padding_waste in sst2_perforated_seed1_before_fixes.json, kept as run:
-`git worktree add /tmp/before 46e2eaa && cd /tmp/before && PYTHONPATH=/tmp/before python
-/work/main/results/perforation/padding_waste_before_fix.py WORKDIR` (after the fix it is 0 by construction).
+`git worktree add ../before 46e2eaa && cd ../before && PYTHONPATH=. python
+<this checkout>/results/perforation/padding_waste_before_fix.py WORKDIR` (after the fix it is 0 by construction).
 Before the padding fix: how often a real query row of the perforated SST-2 model keeps a
 padding key tile while dropping a real one (dev, selected parameters)."""
 import json, sys
