@@ -18,7 +18,7 @@ runs whose directories are gone from an earlier perforation.json of the same bud
    position table is widened with random rows, so this is a timing model only), and at
    64 (block 16, a 4 x 4 mask: the SST-2 runs' longest length bucket; most SST-2
    sentences fit the 16- and 32-token buckets, one or two tiles per row, where a block
-   mask has nothing to skip). For
+   mask has at most one tile to skip). For
    dense and each target sparsity: compiled FLOPs and forward time of one attention
    (`ponder.ops.attention`, impl "auto" = the gathered XLA path on CPU) against
    `jax.nn.dot_product_attention`, and of the whole perforated encoder against the
@@ -538,7 +538,8 @@ def main(argv):
     with open(path) as f:
       previous = json.load(f)
   if (previous.get("speed") and previous.get("budget") == FLAGS.budget
-      and previous.get("impl") == FLAGS.impl):
+      and previous.get("impl") == FLAGS.impl
+      and previous.get("speed_seqs") == json.loads(json.dumps(result["speed_seqs"]))):
     result["speed"] = previous["speed"]  # Reused: rerun with a new --out to remeasure.
   elif FLAGS.skip_speed:
     result["speed"] = []
