@@ -124,6 +124,18 @@ def test_full_budget_dense_sst2_run_is_the_tables_minilm_row():
   assert perforated.optim.warmup_steps == ours.optim.warmup_steps
 
 
+def test_full_budget_mlm_runs_differ_only_in_the_mask():
+  # Dense and masked MLM runs share every setting but the perforation block, attention
+  # dropout included (the masked path once ran without it: a confound).
+  budget = perforation.BUDGETS["full"]
+  dense = perforation.mlm_config("mlm_dense", 0.5, budget, "/data/wikitext").to_dict()
+  for preset in ("mlm_perforated", "mlm_random", "mlm_bigbird"):
+    masked = perforation.mlm_config(preset, 0.5, budget, "/data/wikitext").to_dict()
+    assert masked["model"]["attention_dropout"] == budget["mlm_attention_dropout"]
+    assert {k: v for k, v in masked.items() if k != "perforation"} == {
+        k: v for k, v in dense.items() if k != "perforation"}
+
+
 def test_last_train_value_reads_the_last_training_row(tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   rows = [dict(step=50, split="train", sparsity=0.2), dict(step=100, split="train", sparsity=0.4),
