@@ -426,14 +426,16 @@ def sweep_plot(quality: list, path: str) -> None:
   ax.axhline(1.02, color="grey", ls=":", label="goal: within 2% of dense")
   for mode, marker in (("learned", "o-"), ("static", "s"), ("random", "x"),
                        ("band_global", "^"), ("bigbird", "v")):
-    pts = []
+    pts, n_seeds = [], set()
     for n in loss:
       seeds = sorted(set(loss[n]) & set(dense))
       if modes[n] == mode and seeds:
         pts.append((1 - np.mean([achieved[n][s] for s in seeds]),
                     np.mean([loss[n][s] / dense[s] for s in seeds])))
+        n_seeds.add(len(seeds))
     if pts:
-      ax.plot(*zip(*sorted(pts)), marker, label=mode)
+      seeds = "/".join(str(k) for k in sorted(n_seeds))
+      ax.plot(*zip(*sorted(pts)), marker, label=f"{mode} ({seeds} seed{'s' * (seeds != '1')})")
   ax.set_xlabel("density (1 - achieved block sparsity)")
   ax.set_ylabel("MLM loss / dense MiniLM's (same seed)")
   ax.set_title("WikiText-2, sequence 512, block 64")
