@@ -510,6 +510,14 @@ CONTINUE, RESTRUCTURE, RETRY, COMPLETE = "continue", "restructure", "retry", "co
 class TrackerConfig:
   """The package's tracker settings (GPA.pc.*), defaults as in perforatedai 3.2.9."""
   n_epochs_to_switch: int = 10  # evaluations without improvement before a switch
+  # "history" (DOING_HISTORY): switch after n_epochs_to_switch evaluations without
+  # improvement; "fixed" (DOING_FIXED_SWITCH): switch at evaluations N-1, 2N-1, ... of
+  # the (rewound) evaluation counter, N = fixed_switch_num, not before evaluation
+  # first_fixed_switch_num - 1, whatever the scores do: for budgets in which validation
+  # never stops improving (fine-tuning MiniLM under a decaying learning rate).
+  switch_mode: str = "history"
+  fixed_switch_num: int = 250
+  first_fixed_switch_num: int = -1
   improvement_threshold: tuple = (1e-3, 1e-4, 0.0)  # relative, indexed by dendrite count
   improvement_threshold_raw: float = 1e-5  # absolute improvement also required
   max_dendrite_tries: int = 2  # attempts at a dendrite count that fails to beat the best
@@ -522,6 +530,15 @@ class TrackerConfig:
   initial_running_score: float = 1e-8  # perforate_model's 100 / num_classes (1e10)
   reset_tries_on_success: bool = False  # True: a cycle that improves resets the tries
   # count (the package's intent); False: as the package runs (see `update`).
+
+  def __post_init__(self):
+    if self.switch_mode not in ("history", "fixed"):
+      raise ValueError(f"switch_mode={self.switch_mode!r}: use 'history' (switch when "
+                       "validation stops improving) or 'fixed' (every fixed_switch_num "
+                       "evaluations)")
+    if self.switch_mode == "fixed" and self.fixed_switch_num < 1:
+      raise ValueError(f"fixed_switch_num={self.fixed_switch_num}: a fixed switch needs "
+                       "an interval of at least 1 evaluation")
 
 
 @flax.struct.dataclass
@@ -537,6 +554,7 @@ class TrackerCounters:
   set_global_best: Any  # current_n_set_global_best: this cycle beat the global best
   tries: Any  # num_dendrite_tries
   num_dendrites: Any  # num_dendrites_added
+  overwritten: Any  # overwritten_epochs: evaluations rewound by reloads, kept across them
 
 
 @flax.struct.dataclass
@@ -571,12 +589,14 @@ class Decision:
   save_grown: bool = False
 
 
-_INT = ("epoch", "last_improved", "last_switch", "num_scores", "tries", "num_dendrites")
+_INT = ("epoch", "last_improved", "last_switch", "num_scores", "tries", "num_dendrites",
+        "overwritten")
 _FLOAT = ("running", "current_best", "global_best")
 
 
 def _pack(d: dict) -> TrackerCounters:
-  out = {k: np.asarray(d[k], np.int64) for k in _INT}
+  # A phase state written before `overwritten` existed (history mode never reads it) has 0.
+  out = {k: np.asarray(d.get(k, 0) if k == "overwritten" else d[k], np.int64) for k in _INT}
   out.update({k: np.asarray(d[k], np.float64) for k in _FLOAT})
   out["set_global_best"] = np.asarray(bool(d["set_global_best"]))
   return TrackerCounters(**out)
@@ -593,7 +613,7 @@ def init_tracker(cfg: TrackerConfig = TrackerConfig()) -> TrackerState:
   """The tracker before the first evaluation (perforate_model's fresh tracker)."""
   c = _pack(dict(epoch=0, last_improved=0, last_switch=0, num_scores=0,
                  running=cfg.initial_running_score, current_best=0.0, global_best=0.0,
-                 set_global_best=True, tries=0, num_dendrites=0))
+                 set_global_best=True, tries=0, num_dendrites=0, overwritten=0))
   return TrackerState(now=c, saved=c)
 
 
@@ -612,9 +632,12 @@ def _reload(saved: dict) -> dict:
   return c
 
 
-def _add_dendrite(saved: dict, cfg: TrackerConfig) -> dict:
-  """change_learning_modes n -> p -> n: reload the best, one more dendrite, new cycle."""
+def _add_dendrite(now: dict, saved: dict, cfg: TrackerConfig) -> dict:
+  """change_learning_modes n -> p -> n: reload the best, one more dendrite, new cycle.
+  The evaluations the reload rewinds are added to `overwritten` (overwritten_epochs),
+  so epoch + overwritten (total_epochs_run) counts every evaluation."""
   c = _reload(saved)
+  c["overwritten"] = now["overwritten"] + now["epoch"] - saved["epoch"]
   c["last_switch"] = c["epoch"]
   c["num_dendrites"] += 1
   c["set_global_best"] = cfg.retain_all_dendrites
@@ -626,11 +649,22 @@ def _add_dendrite(saved: dict, cfg: TrackerConfig) -> dict:
   return c
 
 
+def _switch_time(c: dict, since: int, cfg: TrackerConfig) -> bool:
+  """The package's switch_time in its two scored modes."""
+  if cfg.switch_mode == "history":
+    n = cfg.n_epochs_to_switch
+    return (c["epoch"] - c["last_improved"] >= n
+            and since >= cfg.initial_history_after_switches + n)
+  n = cfg.fixed_switch_num
+  total = c["epoch"] + c["overwritten"]
+  return total % n == n - 1 and c["epoch"] >= cfg.first_fixed_switch_num - 1
+
+
 def update(state: TrackerState, score: float, cfg: TrackerConfig = TrackerConfig()):
   """One validation score in, (state, Decision) out: the package's add_validation_score.
 
-  Follows perforatedai 3.2.9 with its open-source settings (history switch mode, no
-  learning-rate search, no perforated backpropagation), including what its code does
+  Follows perforatedai 3.2.9 with its open-source settings (history or fixed switch mode,
+  no learning-rate search, no perforated backpropagation), including what its code does
   beyond its documentation:
     * the first evaluation never counts as an improvement (it needs one evaluation since
       the last switch), though its params are kept as the best; the first evaluation
@@ -676,15 +710,13 @@ def update(state: TrackerState, score: float, cfg: TrackerConfig = TrackerConfig
     save_best = True
   if save_best:
     saved = dict(c)
-  # switch_time (history mode)
-  n = cfg.n_epochs_to_switch
+  # switch_time
   action = CONTINUE
-  if (c["epoch"] - c["last_improved"] >= n
-      and since >= cfg.initial_history_after_switches + n):
+  if _switch_time(c, since, cfg):
     if not c["set_global_best"]:
       if c["tries"] < cfg.max_dendrite_tries - 1:
         tries = c["tries"]
-        c = _add_dendrite(saved, cfg)
+        c = _add_dendrite(c, saved, cfg)
         c["tries"] = tries + 1
         action = RETRY
       else:
@@ -692,7 +724,7 @@ def update(state: TrackerState, score: float, cfg: TrackerConfig = TrackerConfig
     elif c["num_dendrites"] == cfg.max_dendrites:
       c, action = _reload(saved), COMPLETE
     else:
-      c = _add_dendrite(saved, cfg)
+      c = _add_dendrite(c, saved, cfg)
       if cfg.reset_tries_on_success:
         c["tries"] = 0
       action = RESTRUCTURE

@@ -332,13 +332,21 @@ SCENARIOS = [
     ("lookback", _walk_scores(4, 50, drift=0.003), dict(n_epochs_to_switch=2,
                                                         history_lookback=2,
                                                         initial_history_after_switches=1)),
+    # Fixed switches (switch_mode 2 = DOING_FIXED_SWITCH) while the scores keep rising,
+    # where history mode would never switch; a cycle that fails completes.
+    ("fixed_switch", [0.5 + 0.01 * i for i in range(12)] + [0.3] * 8,
+     dict(switch_mode=2, fixed_switch_num=3, max_dendrites=3)),
+    ("fixed_first", _walk_scores(5, 40, drift=0.004),
+     dict(switch_mode=2, fixed_switch_num=4, first_fixed_switch_num=9, max_dendrites=4)),
 ]
 
 
 @pytest.mark.parametrize("name,scores,settings", SCENARIOS, ids=[s[0] for s in SCENARIOS])
 def test_tracker_matches_perforatedai(pai, name, scores, settings):
   names = dict(maximizing_score="maximize")
-  cfg = P.TrackerConfig(**{names.get(k, k): v for k, v in settings.items()})
+  modes = {1: "history", 2: "fixed"}  # the package's DOING_HISTORY, DOING_FIXED_SWITCH
+  cfg = P.TrackerConfig(**{names.get(k, k): modes[v] if k == "switch_mode" else v
+                           for k, v in settings.items()})
   theirs = _pai_run(pai, scores, settings, name)
   ours = _ponder_run(scores, cfg)
   assert [r[0] for r in theirs].count("switch") >= 1
@@ -347,6 +355,25 @@ def test_tracker_matches_perforatedai(pai, name, scores, settings):
   assert len(theirs) == len(ours)
   # A run interrupted half way and resumed from its serialised state decides the same.
   assert _ponder_run(scores, cfg, split=len(scores) // 2) == ours
+
+
+def test_bad_switch_settings_say_what_to_use():
+  with pytest.raises(ValueError, match="'history'.*'fixed'"):
+    P.TrackerConfig(switch_mode="plateau")
+  with pytest.raises(ValueError, match="at least 1"):
+    P.TrackerConfig(switch_mode="fixed", fixed_switch_num=0)
+
+
+def test_fixed_switch_ignores_a_rising_score():
+  """History mode never switches on a score that rises at every evaluation; the fixed
+  mode switches at the third (the MiniLM presets' setting) and then completes."""
+  scores = [0.88, 0.90, 0.913, 0.916, 0.917]
+  history = P.TrackerConfig(n_epochs_to_switch=2, max_dendrites=1)
+  fixed = P.TrackerConfig(n_epochs_to_switch=2, max_dendrites=1, switch_mode="fixed",
+                          fixed_switch_num=3)
+  assert [r[0] for r in _ponder_run(scores, history)] == ["continue"] * 5
+  assert [r[0] for r in _ponder_run(scores, fixed)] == ["continue", "continue", "switch",
+                                                        "continue", "continue"]
 
 
 def test_tracker_retry_and_complete():
