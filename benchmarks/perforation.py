@@ -31,7 +31,10 @@ runs whose directories are gone from an earlier perforation.json of the same bud
 3. masks.png: the learned 0.5 run's hard masks of a few heads on real validation windows.
 
 Budgets: short (minutes per run on 2 loaded cores; the numbers say little about quality)
-and full (about 4 hours on 2 idle cores, from the step FLOPs).
+and full (planned at about 4 hours from the step FLOPs; measured on 2 idle cores,
+2026-12-02: 24 min per dense MLM run and 30 per masked one with its evaluation, so its 18
+MLM and 2 SST-2 runs take about 9 hours per seed: build it across sittings with --only
+and --reuse).
 """
 
 import functools
