@@ -21,8 +21,9 @@ the DAN ("DSN") with and without dendrites against its parameter-matched wide tw
    dendrites.png per tracker run (in the run's workdir; `--pictures` copies one GD and
    one cc run's next to --out).
 
-Budgets: full = the presets (MiniLM 1,100 steps, 1 seed per MiniLM row: ~45 min each on
-2 idle cores; DAN rows 2,000 steps x 3 seeds: minutes each); short = 300 DAN steps
+Budgets: full = the presets (MiniLM 1,100 steps, 1 seed per MiniLM row unless
+`--minilm_seeds=N`: 12-25 min each on 2 quiet cores; DAN rows 2,000 steps x 3 seeds:
+minutes each); short = 300 DAN steps
 (evaluations every 50, a switch after 2 without improvement), MiniLM rows 60 steps
 (evaluations every 20 on a 1% validation carve), 1 seed; smoke = the configs' smoke
 settings (tests).
@@ -192,8 +193,10 @@ def timing(models: dict, runs: int) -> dict:
           for name in models}
 
 
-def table(budget_name: str, root: str, data: str, rows=()) -> dict:
+def table(budget_name: str, root: str, data: str, rows=(), minilm_seeds: int = 0) -> dict:
   budget = BUDGETS[budget_name]
+  if minilm_seeds:  # more MiniLM seeds than the budget's, in a later sitting
+    budget = dataclasses.replace(budget, minilm_seeds=minilm_seeds)
   root = os.path.join(root, budget_name)
   wanted = [r for r in ROWS if not rows or r in rows]
   if any(is_minilm(r) for r in wanted) and not budget.smoke:
@@ -310,6 +313,8 @@ def define_flags() -> None:
   flags.DEFINE_string("data", "local:../shared/data/sst-2",
                       "data.source of every run (local:DIR or tfds:glue/sst2).")
   flags.DEFINE_list("rows", [], "Rows to build ('' = all of the budget's).")
+  flags.DEFINE_integer("minilm_seeds", 0, "Seeds of each MiniLM row (0 = the budget's; "
+                       "finished seeds are reused, so a rerun with more adds seeds).")
   flags.DEFINE_bool("pictures", True, "Copy one GD and one cc dendrites.png next to --out.")
 
 
@@ -320,7 +325,7 @@ def main(argv):
   cli.reuse_memory(True)
   start = time.perf_counter()
   machine = common.machine()
-  result = table(f.budget, f.workdir, f.data, tuple(f.rows))
+  result = table(f.budget, f.workdir, f.data, tuple(f.rows), f.minilm_seeds)
   result["machine"] = machine
   common.finish_machine(machine, start)
   out_dir = os.path.dirname(os.path.abspath(f.out))

@@ -1,7 +1,9 @@
 """benchmarks/dendritic_bert_table.py: run configs per budget and the goals' arithmetic."""
 
 import json
+import os
 
+import chex
 import pytest
 
 from benchmarks import dendritic_bert_table as dbt
@@ -50,3 +52,17 @@ def test_training_time_sums_train_rows_only(tmp_path):
           {"step": 100, "split": "train", "steps_per_s": 5.0}]
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   assert dbt.train_seconds(str(tmp_path)) == pytest.approx(5.0 + 10.0)
+
+
+def test_more_minilm_seeds_reuse_the_finished_ones(tmp_path):
+  """--minilm_seeds=2 on a table built with one seed trains seed 1 only: seed 0's run
+  (its checkpoint and metrics) is reused as it was."""
+  one = dbt.table("smoke", str(tmp_path), "sample:sst2", rows=("minilm",))
+  chex.assert_equal(one["rows"]["minilm"]["seeds"], 1)
+  first = os.path.join(one["rows"]["minilm"]["runs"][0]["workdir"], "metrics.jsonl")
+  before = open(first).read()
+  two = dbt.table("smoke", str(tmp_path), "sample:sst2", rows=("minilm",), minilm_seeds=2)
+  row = two["rows"]["minilm"]
+  assert [r["seed"] for r in row["runs"]] == [0, 1]
+  assert open(first).read() == before
+  assert len(row["dev_accuracy"]["values"]) == 2
