@@ -509,6 +509,19 @@ def train_loop(run: Run, state: TrainState, workdir: str, ckpt, best, *, echo: C
 
   bar = plog.progress(total, start)
   t0 = time.time()
+
+  def log_interval(done, pstate):
+    """Writes the mean metrics of the steps since the last log; empties the interval."""
+    nonlocal interval, t0
+    check(pending)
+    means = {k: float(np.mean(v)) for k, v in jax.device_get(
+        jax.tree.map(lambda *xs: jnp.stack(xs), *interval)).items() if k != "finite"}
+    means["steps_per_s"] = len(interval) / max(time.time() - t0, 1e-9)
+    writer.write(done, means)
+    bar.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
+    interval, t0 = [], time.time()
+    return pstate if run.policy is None else run.policy.on_log(pstate, done, means)
+
   preempted = stop = False
   try:
     with _Preemption() as preempt:
@@ -526,15 +539,7 @@ def train_loop(run: Run, state: TrainState, workdir: str, ckpt, best, *, echo: C
         at_end = done == total
         changed = False
         if done % cfg.trainer.log_every == 0 or at_end:
-          check(pending)
-          means = {k: float(np.mean(v)) for k, v in jax.device_get(
-              jax.tree.map(lambda *xs: jnp.stack(xs), *interval)).items() if k != "finite"}
-          means["steps_per_s"] = len(interval) / max(time.time() - t0, 1e-9)
-          writer.write(done, means)
-          bar.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
-          interval, t0 = [], time.time()
-          if run.policy is not None:
-            pstate = run.policy.on_log(pstate, done, means)
+          pstate = log_interval(done, pstate)
         if done % cfg.trainer.eval_every == 0 or at_end:
           check(pending)
           val = evaluate(run.task, eval_fn, state.params, run.mesh)
@@ -551,6 +556,10 @@ def train_loop(run: Run, state: TrainState, workdir: str, ckpt, best, *, echo: C
               # needs the step rebuilt, or the old config keeps training.
               if (change.params is not None or change.reset_optimizer
                   or config_diff(run.policy.configure(run.base_cfg, pstate), run.cfg)):
+                # The new step may report other metrics (rule cc's candidate phase):
+                # the steps before the change are logged as their own interval.
+                if interval:
+                  pstate = log_interval(done, pstate)
                 run, state = apply_change(run, state, change, done)
                 step_fn, eval_fn = _compile(run)
                 changed = True

@@ -64,6 +64,24 @@ def test_dendrite_cycles_resume_mid_cycle_exactly(tmp_path):
                                                                     "neurons"]
 
 
+def test_a_switch_inside_a_log_interval_logs_each_phase_apart(tmp_path):
+  """Rule cc's candidate steps report other metrics than the neuron steps: a switch
+  between two logs closes the interval there instead of averaging the two kinds (which
+  stopped a MiniLM run whose switch at step 660 fell inside a 50-step interval)."""
+  cfg = _smoke()
+  cfg.trainer.update(total_steps=8, log_every=3)
+  result = trainer.train_and_evaluate(cfg, str(tmp_path), **quiet)
+  rows = [json.loads(line) for line in open(f"{tmp_path}/metrics.jsonl")]
+  switches = [r["step"] for r in rows if r.get("phase", "").startswith("restructure")]
+  assert switches and switches[0] % 3, switches  # the switch is not on a log step
+  train = [r for r in rows if r["split"] == "train"]
+  assert switches[0] in [r["step"] for r in train]
+  for r in train:  # one phase's metrics per row
+    assert ("correlation" in r) != ("accuracy" in r), r
+  assert any("correlation" in r for r in train)
+  chex.assert_equal(int(result["state"].step), 8)
+
+
 def test_candidate_phase_moves_only_the_newest_dendrites():
   """Rule "cc"'s loss (the task's `candidates` phase) gives gradient to the newest
   dendrite of each wrapped layer and to nothing else."""
