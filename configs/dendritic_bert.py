@@ -88,7 +88,8 @@ def dendrite_policy(**overrides) -> dict:
   block = dict(
       name="",                     # "" (none) | dendrites (PerforatedAI tracker: DendritePolicy)
       rule="gd",                   # gd: all parameters by backprop | cc: candidates first
-      candidate_steps=0,           # rule cc: steps of candidate training after each switch
+      candidate_steps=0,           # rule cc: candidate training after each switch: it ends
+                                   # at the first evaluation at least this many steps on
       metric="accuracy",           # the validation metric the tracker reads
       n_epochs_to_switch=10,       # evaluations without improvement before a switch
       switch_mode="history",       # history: on a plateau | fixed: every fixed_switch_num
@@ -171,6 +172,8 @@ PRESETS = {
     "minilm": dict(model=bert_model(), trainer=_MINILM_BUDGET, optim=_FINETUNE),
     "minilm_gd": dict(model=bert_model(), trainer=_MINILM_BUDGET, optim=_FINETUNE,
                       policy=_MINILM_TRACKER),
+    # The candidate phase ends at the first evaluation 110 steps past the switch: step
+    # 880, so the candidates train 220 steps and everything the last 220.
     "minilm_cc": dict(model=bert_model(), trainer=_MINILM_BUDGET, optim=_FINETUNE,
                       policy=dict(_MINILM_TRACKER, rule="cc", candidate_steps=110)),
     "dsn": dict(model=_DAN, trainer=_DAN_BUDGET, optim=_DAN_OPTIM),
