@@ -33,6 +33,7 @@ def dendrite_history(history: Sequence[Mapping], out_dir: str, *, maximize: bool
   """Writes out_dir/dendrites.png and returns its path.
 
   history: one row per evaluation, in order: {"score": float, "num_dendrites": int,
+  "step": int (optional: the x axis is then the training step),
   "params": int, "action": "continue" | "restructure" | "retry" | "complete"} (the
   tracker's Decision.action after that evaluation; "action" may be left out).
   """
@@ -43,18 +44,21 @@ def dendrite_history(history: Sequence[Mapping], out_dir: str, *, maximize: bool
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, "dendrites.png")
   fig, (ax_score, ax_arch) = plt.subplots(1, 2, figsize=(11, 4))
-  steps = list(range(len(history)))
-  ax_score.plot(steps, [float(r["score"]) for r in history], marker="o", ms=3, lw=1.2,
+  # Training steps where every row has one (the trainer's history), else evaluations.
+  by_step = all("step" in r for r in history)
+  xs = [r["step"] if by_step else i for i, r in enumerate(history)]
+  ax_score.plot(xs, [float(r["score"]) for r in history], marker="o", ms=3, lw=1.2,
                 label="validation")
   added = False
-  for i, row in enumerate(history):
+  for x, row in zip(xs, history):
     action = row.get("action", "continue")
     if action in ("restructure", "retry"):
-      ax_score.axvline(i + 0.5, color="tab:red" if action == "restructure" else "tab:gray",
+      ax_score.axvline(x if by_step else x + 0.5,
+                       color="tab:red" if action == "restructure" else "tab:gray",
                        ls="-" if action == "restructure" else "--", lw=1,
                        label=None if added else "dendrite added")
       added = True
-  ax_score.set_xlabel("evaluation")
+  ax_score.set_xlabel("training step" if by_step else "evaluation")
   ax_score.set_ylabel("validation score")
   ax_score.set_title("score per evaluation")
   ax_score.grid(alpha=0.3)
