@@ -18,8 +18,8 @@ the DAN ("DSN") with and without dendrites against its parameter-matched wide tw
    latency at batch 1 and throughput at batch 256 at 64 tokens, every row's model
    interleaved in one measurement so load slows all alike.
 4. Writes the JSON with the goals (`check_goals`) and a
-   dendrites.png per tracker run (in the run's workdir; `--pictures` copies one GD and
-   one cc run's next to --out).
+   dendrites.png per tracker run (in the run's workdir; `--pictures` copies each tracker
+   row's first seed's next to --out).
 
 Budgets: full = the presets (MiniLM 1,100 steps, 1 seed per MiniLM row unless
 `--minilm_seeds=N`: 12-25 min each on 2 quiet cores; DAN rows 2,000 steps x 3 seeds:
@@ -288,17 +288,15 @@ def check_goals(rows: dict) -> dict:
 
 
 def copy_pictures(result: dict, out_dir: str) -> list:
-  """One GD and one cc run's dendrites.png next to the table, as <row>_dendrites.png;
-  returns their file names."""
+  """Every tracker row's first-seed dendrites.png next to the table, as
+  <row>_dendrites.png; returns their file names."""
   copied = []
-  for rule in ("gd", "cc"):
-    for row, r in result["rows"].items():
-      src = os.path.join(r["runs"][0]["workdir"], "dendrites.png")
-      if row.endswith(f"_{rule}") and os.path.exists(src):
-        dst = os.path.join(out_dir, f"{row}_dendrites.png")
-        shutil.copyfile(src, dst)
-        copied.append(os.path.basename(dst))  # beside the JSON: no machine's paths
-        break
+  for row, r in result["rows"].items():
+    src = os.path.join(r["runs"][0]["workdir"], "dendrites.png")
+    if row.endswith(("_gd", "_cc")) and os.path.exists(src):
+      dst = os.path.join(out_dir, f"{row}_dendrites.png")
+      shutil.copyfile(src, dst)
+      copied.append(os.path.basename(dst))  # beside the JSON: no machine's paths
   return copied
 
 
@@ -315,7 +313,7 @@ def define_flags() -> None:
   flags.DEFINE_list("rows", [], "Rows to build ('' = all of the budget's).")
   flags.DEFINE_integer("minilm_seeds", 0, "Seeds of each MiniLM row (0 = the budget's; "
                        "finished seeds are reused, so a rerun with more adds seeds).")
-  flags.DEFINE_bool("pictures", True, "Copy one GD and one cc dendrites.png next to --out.")
+  flags.DEFINE_bool("pictures", True, "Copy each tracker row's dendrites.png next to --out.")
 
 
 def main(argv):

@@ -66,3 +66,18 @@ def test_more_minilm_seeds_reuse_the_finished_ones(tmp_path):
   assert [r["seed"] for r in row["runs"]] == [0, 1]
   assert open(first).read() == before
   assert len(row["dev_accuracy"]["values"]) == 2
+
+
+def test_pictures_of_every_tracker_row_that_drew_one(tmp_path):
+  rows = {}
+  for row, drew in (("dsn", True), ("dsn_gd", True), ("minilm_gd", True), ("minilm_cc", False)):
+    run = tmp_path / "runs" / row
+    run.mkdir(parents=True)
+    if drew:
+      (run / "dendrites.png").write_bytes(row.encode())
+    rows[row] = dict(runs=[dict(workdir=str(run))])
+  out = tmp_path / "out"
+  out.mkdir()
+  assert dbt.copy_pictures(dict(rows=rows), str(out)) == ["dsn_gd_dendrites.png",
+                                                          "minilm_gd_dendrites.png"]
+  assert (out / "minilm_gd_dendrites.png").read_bytes() == b"minilm_gd"
