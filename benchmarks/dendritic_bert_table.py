@@ -24,7 +24,7 @@ the DAN ("DSN") with and without dendrites against its parameter-matched wide tw
 Budgets: full = the presets (MiniLM 1,100 steps, 1 seed per MiniLM row unless
 `--minilm_seeds=N`: 12-25 min each on 2 quiet cores; DAN rows 2,000 steps x 3 seeds:
 minutes each); short = 300 DAN steps
-(evaluations every 50, a switch after 2 without improvement), MiniLM rows 60 steps
+(evaluations every 50, the fixed switch every 2nd), MiniLM rows 60 steps
 (evaluations every 20 on a 1% validation carve), 1 seed; smoke = the configs' smoke
 settings (tests).
 """
@@ -70,7 +70,10 @@ class Budget:
 BUDGETS = {
     "full": Budget(dan_seeds=3, minilm_seeds=1),
     "short": Budget(dan_seeds=1, minilm_seeds=1, dan_steps=300, minilm_steps=60,
+                    # The fixed switch every 2nd evaluation, so dendrites train before
+                    # the end (the presets' 5th and 3rd would switch at the last step).
                     overrides=(("trainer.eval_every", 50), ("policy.n_epochs_to_switch", 2),
+                               ("policy.fixed_switch_num", 2),
                                ("policy.candidate_steps", 50)),
                     minilm_overrides=(("trainer.eval_every", 20),
                                       ("data.valid_fraction", 0.01),

@@ -39,6 +39,8 @@ def test_row_configs_follow_the_budget():
   cfg = dbt.row_config("minilm_cc", short, seed=0, data="local:/data/sst-2")
   assert cfg.trainer.total_steps == 60 and cfg.trainer.eval_every == 20
   assert cfg.data.valid_fraction == 0.01 and cfg.policy.candidate_steps == 20
+  # A switch at evaluation 2 of 3: the dendrite trains before the run ends.
+  assert cfg.policy.switch_mode == "fixed" and cfg.policy.fixed_switch_num == 2
   assert cfg.data.source == "local:/data/sst-2"
   cfg = dbt.row_config("dsn_wide", dbt.BUDGETS["full"], seed=2, data="x", match_k=2)
   assert cfg.seed == 2 and cfg.model.width == 770 and cfg.trainer.total_steps == 2000
