@@ -1,6 +1,8 @@
 """What the benchmarks share: the machine record, JSON output, and the train steps
 (ponder's jitted step and a PyTorch peer with the same optimizer) they time."""
 
+import contextlib
+from concurrent import futures
 import datetime
 import functools
 import importlib
@@ -288,6 +290,50 @@ def train(cfg, workdir: str, echo=print) -> dict:
     raise SystemExit(f"stopped by SIGTERM; {workdir} is checkpointed: rerun the same "
                      "command to resume.")
   return result
+
+
+def run_dependencies(runs: dict) -> dict:
+  """{workdir: the workdirs of `runs` ({workdir: config}) that it starts from
+  (`init.from_workdir`) or distils from (`distill.teacher_workdir`)}: those must
+  finish before it starts."""
+  ours = {os.path.abspath(w): w for w in runs}
+  deps = {}
+  for workdir, cfg in runs.items():
+    paths = (cfg.get("init", {}).get("from_workdir", ""),
+             cfg.get("distill", {}).get("teacher_workdir", ""))
+    deps[workdir] = {ours[os.path.abspath(p)] for p in paths if p and os.path.abspath(p) in ours}
+  return deps
+
+
+def _train_logged(cfg, workdir: str, log: str) -> None:
+  """One run in a worker process, its progress bar and messages in `log`."""
+  with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+    train(cfg, workdir)
+
+
+def train_parallel(runs: dict, jobs: int, echo=print) -> None:
+  """Trains (resumes, or reuses) `runs` ({workdir: config}) in `jobs` spawned processes,
+  each with its log in `<workdir>.log`, a run once its `run_dependencies` are done (in
+  `runs`' order among the ready ones). A failed run's error, or a SIGTERM's SystemExit,
+  is raised here. On 2 cores, 2 jobs of the small models here train 1.2-1.5x more steps
+  per second in all than 1 (measured 2026-12-03: one such run keeps neither core busy)."""
+  deps = run_dependencies(runs)
+  pending, running, done = list(runs), {}, set()
+  with futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")
+                                   ) as pool:
+    while pending or running:
+      for workdir in [w for w in pending if deps[w] <= done][:jobs - len(running)]:
+        pending.remove(workdir)
+        name, log = os.path.basename(workdir), f"{workdir}.log"
+        os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
+        echo(f"== {name}: {runs[workdir].trainer.total_steps} steps in {workdir} (log {log})")
+        running[pool.submit(_train_logged, runs[workdir], workdir, log)] = workdir
+      finished, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+      for future in finished:
+        workdir = running.pop(future)
+        future.result()
+        done.add(workdir)
+        echo(f"== {os.path.basename(workdir)}: done")
 
 
 def system_allocator_env() -> dict:

@@ -31,7 +31,8 @@ models trained at each keep ratio.
    importance pictures of the fine-tuned model and of Dendritic-ViT, next to --out.
 
 Full budget: baseline and Dendritic-ViT 4,000 steps of 128 (the preset), fine-tuning
-1,000, two seeds, 5,000 corrupted test images. Short: 100 / 20 steps, one seed, a
+1,000, two seeds, 5,000 corrupted test images. Medium: the same at 1,500 / 500 steps and
+2,000 corrupted images. `--jobs=2` trains two runs at once. Short: 100 / 20 steps, one seed, a
 500-image validation split, ablations on 500 test images, 100 corrupted images (a check
 that everything runs; its numbers are not a result).
 """
@@ -61,10 +62,14 @@ from train import vision_report
 
 _OUT = flags.DEFINE_string("out", "results/dlvit/table.json", "JSON file; PNGs beside it.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/dlvit_table", "Where the runs live.")
-_BUDGET = flags.DEFINE_enum("budget", "full", ["full", "short", "smoke"],
-                            "full (hours), short (under an hour), smoke (seconds; tests).")
+_BUDGET = flags.DEFINE_enum("budget", "full", ["full", "medium", "short", "smoke"],
+                            "full (hours), medium (1.5 h with --jobs=2), short (under an "
+                            "hour), smoke (seconds; tests).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "Fashion-MNIST idx directory ('' = the "
                                 "config's source: the Debian package or tfds).")
+_JOBS = flags.DEFINE_integer(
+    "jobs", 1, "Runs trained at once (benchmarks.common.train_parallel: each in its own "
+    "process, its log in --workdir/<run>.log, a fine-tune once its baseline is done).")
 _RATIOS = flags.DEFINE_list("keep_ratios", ["0.5", "0.6", "0.7", "0.9"],
                             "Inference keep ratios of the policy ablations.")
 
@@ -92,6 +97,10 @@ class Budget:
 
 BUDGETS = {
     "full": Budget(4000, 1000, (0, 1), (0.5, 0.7, 0.9), 5000, None, 10, scratch=True),
+    # Every model and ablation of the full budget at 3/8 of its steps (1.6 epochs of
+    # Fashion-MNIST; fine-tuning at half), 2,000 corrupted images: one sitting of about
+    # 1.5 h on 2 cores with --jobs=2.
+    "medium": Budget(1500, 500, (0, 1), (0.5, 0.7, 0.9), 2000, None, 10, scratch=True),
     "short": Budget(100, 20, (0,), (0.5, 0.7, 0.9), 100, 500, 3, val_size=500),
     "smoke": Budget(0, 0, (0,), (0.5,), 8, None, 1, val_size=8, smoke=True),
 }
@@ -132,14 +141,19 @@ def build_configs(budget: Budget, workdir: str, data_dir: str = "") -> dict:
   return cfgs
 
 
-def train_all(cfgs: dict, workdir: str) -> dict:
-  """Trains (or resumes, or reuses) each run in order (baselines come before the runs
-  that start from them); returns {run name: its final_metrics.json}."""
+def train_all(cfgs: dict, workdir: str, jobs: int = 1) -> dict:
+  """Trains (or resumes, or reuses) each run: in order with jobs=1 (baselines come
+  before the runs that start from them), else by `common.train_parallel`;
+  returns {run name: its final_metrics.json}."""
+  if jobs > 1:
+    common.train_parallel({os.path.join(workdir, n): c for n, c in cfgs.items()}, jobs,
+                          echo=lambda line: print(line, flush=True))
   finals = {}
   for name, cfg in cfgs.items():
     path = os.path.join(workdir, name)
-    print(f"== {name}: {cfg.trainer.total_steps} steps in {path}", flush=True)
-    common.train(cfg, path)
+    if jobs == 1:
+      print(f"== {name}: {cfg.trainer.total_steps} steps in {path}", flush=True)
+      common.train(cfg, path)
     with open(os.path.join(path, "final_metrics.json")) as f:
       finals[name] = json.load(f)
   return finals
@@ -234,10 +248,10 @@ def sweep_figure(rows: dict, trained: dict, ablations: dict, path: str) -> None:
             "policies on one fine-tuned model (labels: keep ratio)", annotations=notes)
 
 
-def run(budget: Budget, out: str, workdir: str, data_dir: str = "", ratios=(0.5, 0.7, 0.9)
-        ) -> dict:
+def run(budget: Budget, out: str, workdir: str, data_dir: str = "", ratios=(0.5, 0.7, 0.9),
+        jobs: int = 1) -> dict:
   cfgs = build_configs(budget, workdir, data_dir)
-  finals = train_all(cfgs, workdir)
+  finals = train_all(cfgs, workdir, jobs)
   seed = budget.seeds[0]
   names = list(MODELS) + ([SCRATCH] if budget.scratch else [])
   trained_names = {f"{rho:g}": f"dendritic_liquid_vit@trained{rho:g}" for rho in
@@ -310,7 +324,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   try:
     ratios = [float(r) for r in _RATIOS.value]
-    result = run(BUDGETS[_BUDGET.value], _OUT.value, _WORKDIR.value, _DATA_DIR.value, ratios)
+    result = run(BUDGETS[_BUDGET.value], _OUT.value, _WORKDIR.value, _DATA_DIR.value, ratios,
+                 _JOBS.value)
   except errors.PonderError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

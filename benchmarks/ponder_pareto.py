@@ -13,6 +13,8 @@ Every variant is `configs/ttt_lm.py:PRESET,mode=fixed,k=K|mode=skip|mode=adaptiv
 command resumes an unfinished run from its last checkpoint and reuses a finished one
 (final_metrics.json at total_steps), so an interrupted benchmark restarts where it
 stopped; a workdir trained with another config (another --budget, say) is an error.
+`--jobs=2` trains the runs two at a time first (`common.train_parallel`, logs in
+DIR/<run>.log), then measures as before.
 `--budget`: full (the preset's steps; three adaptive settings), short (50 synthetic,
 40 recall, 30 shakespeare_long or 20 wikitext2 / wikitext2_long steps, two adaptive
 settings: minutes to an hour, and far from trained) or smoke (the configs' tiny smoke
@@ -653,6 +655,24 @@ def fixed1_vs_skip(results: dict) -> dict:
   return out
 
 
+def run_workdir(out_dir: str, name: str, seed: int = 0) -> str:
+  """DIR/<variant> for seed 0 (the main rows), DIR/<variant>_s<seed> for the others."""
+  return os.path.join(out_dir, name + (f"_s{seed}" if seed else ""))
+
+
+def training_runs(preset: str, budget: Budget, data_dir: str, out_dir: str, seeds: int
+                  ) -> dict:
+  """{workdir: config} of every run `run` trains: each variant with seed 0, and SKIP and
+  Fixed-1/2/4 with seeds 1..seeds-1 (`_seed_spread`)."""
+  runs = {}
+  for seed in range(max(seeds, 1)):
+    for variant in variants(budget):
+      if seed == 0 or variant.mode != "adaptive":
+        runs[run_workdir(out_dir, variant.name, seed)] = variant_config(
+            preset, budget, variant, data_dir, seed=seed)
+  return runs
+
+
 def _seed_spread(preset: str, budget: Budget, data_dir: str, out_dir: str, seeds: int,
                  batches, programs: _Programs, echo: Callable) -> dict:
   """Fixed and SKIP variants retrained with seeds 1..seeds-1 (workdirs DIR/<name>_s<i>;
@@ -667,7 +687,7 @@ def _seed_spread(preset: str, budget: Budget, data_dir: str, out_dir: str, seeds
     rows = []
     for seed in range(seeds):
       cfg = variant_config(preset, budget, variant, data_dir, seed=seed)
-      workdir = os.path.join(out_dir, variant.name + (f"_s{seed}" if seed else ""))
+      workdir = run_workdir(out_dir, variant.name, seed)
       echo(f"== {variant.name}, seed {seed}: {workdir}")
       task, params, _, _ = train_or_load(cfg, workdir, echo)
       rows.append(_quality(_evaluate(variant, task.model, params, batches, programs)))
@@ -677,16 +697,20 @@ def _seed_spread(preset: str, budget: Budget, data_dir: str, out_dir: str, seeds
 
 
 def run(out_dir: str, preset: str, budget: Budget, *, data_dir: str = "", seeds_n: int = 1,
-        echo: Callable = print) -> dict:
+        jobs: int = 1, echo: Callable = print) -> dict:
   """Trains or loads every variant, measures them, writes DIR/results.json and the PNGs,
   and returns the results. seeds_n > 1 retrains SKIP and Fixed-1/2/4 with seeds
-  1..seeds_n-1 for their seed spread (`_seed_spread`)."""
+  1..seeds_n-1 for their seed spread (`_seed_spread`). jobs > 1 first trains every run
+  in that many processes (`common.train_parallel`); the rest then reuses them."""
   os.makedirs(out_dir, exist_ok=True)
   machine = common.machine()
+  if jobs > 1:
+    common.train_parallel(training_runs(preset, budget, data_dir, out_dir, seeds_n), jobs,
+                          echo)
   loaded, workdirs, configs = {}, {}, {}
   for variant in variants(budget):
     cfg = variant_config(preset, budget, variant, data_dir)
-    workdirs[variant.name] = os.path.join(out_dir, variant.name)
+    workdirs[variant.name] = run_workdir(out_dir, variant.name)
     echo(f"== {variant.name}: {workdirs[variant.name]}")
     loaded[variant.name] = (variant, *train_or_load(cfg, workdirs[variant.name], echo))
     configs[variant.name] = cfg
@@ -818,6 +842,9 @@ def define_flags() -> None:
   flags.DEFINE_integer(
       "seeds", 1, "Training seeds of SKIP and Fixed-1/2/4 for their seed spread (the "
       "main rows are seed 0).")
+  flags.DEFINE_integer(
+      "jobs", 1, "Runs trained at once before the measurements (benchmarks.common."
+      "train_parallel: each in its own process, its log in DIR/<run>.log).")
   flags.DEFINE_bool(
       "throughput_only", False, "Only the TTT-Linear layer throughput, merged into "
       "DIR/results.json.")
@@ -840,7 +867,7 @@ def main(argv):
     print_throughput(result["throughput"])
   else:
     print_summary(run(out_dir, flags.FLAGS.preset, budget, data_dir=flags.FLAGS.data_dir,
-                      seeds_n=flags.FLAGS.seeds))
+                      seeds_n=flags.FLAGS.seeds, jobs=flags.FLAGS.jobs))
 
 
 if __name__ == "__main__":

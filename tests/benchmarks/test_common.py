@@ -1,5 +1,5 @@
 """benchmarks/common.py: a SIGTERM stops the whole benchmark; the op-by-op breakdown
-of a jitted train step."""
+of a jitted train step; which runs of `train_parallel` wait for which."""
 
 import functools
 import os
@@ -9,6 +9,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -162,3 +163,20 @@ def test_child_step_runs_in_a_process_with_the_given_environment():
     assert [child(), child()] == [6.0, 7.0] and child.info["final_loss"] == 7.0
   finally:
     child.close()
+
+
+def test_run_dependencies_follow_init_and_teacher_workdirs(tmp_path):
+  def cfg(init="", teacher=""):
+    return ml_collections.ConfigDict(dict(init=dict(from_workdir=init),
+                                          distill=dict(teacher_workdir=teacher)))
+  base, other = str(tmp_path / "vit_s0"), str(tmp_path / "vit_s1")
+  runs = {base: ml_collections.ConfigDict(dict(trainer=dict(total_steps=1))),  # No init.
+          other: cfg(),
+          str(tmp_path / "finetune"): cfg(init=base, teacher=base),
+          # Relative and absolute spellings of one workdir are the same run.
+          str(tmp_path / "scratch"): cfg(teacher=os.path.relpath(other)),
+          # A teacher outside `runs` is not waited for.
+          str(tmp_path / "outside"): cfg(teacher="/elsewhere/teacher")}
+  assert common.run_dependencies(runs) == {
+      base: set(), other: set(), str(tmp_path / "finetune"): {base},
+      str(tmp_path / "scratch"): {other}, str(tmp_path / "outside"): set()}

@@ -25,9 +25,21 @@ def test_smoke_table(tmp_path):
   env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"  # Compiling is most of it.
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks.dlvit_table", "--budget=smoke", f"--out={out}",
-       f"--workdir={runs}", f"--data_dir={data}", "--keep_ratios=0.5,0.9"],
+       f"--workdir={runs}", f"--data_dir={data}", "--keep_ratios=0.5,0.9", "--jobs=2"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr
+  # --jobs=2: each run starts only after the run it starts from and distils from
+  # (vit_s0) is done, and writes its own log.
+  lines = proc.stdout.splitlines()
+  start = {l.split(":")[0][3:]: i for i, l in enumerate(lines) if " steps in " in l}
+  end = {l.split(":")[0][3:]: i for i, l in enumerate(lines) if l.endswith(": done")}
+  assert set(start) == set(end) == {"vit_s0", "dendritic_vit_s0", "dendritic_liquid_vit_s0",
+                                    "dendritic_liquid_vit@trained0.5_s0"}
+  for name in ("dendritic_liquid_vit_s0", "dendritic_liquid_vit@trained0.5_s0"):
+    assert end["vit_s0"] < start[name]
+  assert start["dendritic_vit_s0"] < end["vit_s0"]  # Independent runs overlap.
+  for name in start:
+    assert "steps" in (runs / f"{name}.log").read_text()
   result = json.loads(out.read_text())
   rows = result["models"]
   assert set(rows) == {*MODELS, "dendritic_liquid_vit@trained0.5"}

@@ -32,7 +32,8 @@ def run(tmp_path_factory):
   env = subprocess_env()
   env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
   done = subprocess.run([sys.executable, "-m", "benchmarks.ponder_pareto", f"--out={out}",
-                         "--budget=smoke", "--preset=synthetic"], cwd=ROOT, env=env,
+                         "--budget=smoke", "--preset=synthetic", "--jobs=2"], cwd=ROOT,
+                        env=env,
                         capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "goal adaptive:" in done.stdout  # The printed summary.
@@ -41,6 +42,8 @@ def run(tmp_path_factory):
 
 def test_writes_results_and_pictures(run):
   out, result = run
+  for name in TRAINED:  # --jobs=2 trained each run in a worker, with its own log.
+    assert "steps" in (out / f"{name}.log").read_text(), name
   for name in ("pareto.png", "allocation.png", "curves.png"):
     assert (out / name).stat().st_size > 1000, name
   assert set(result["variants"]) == TRAINED | GATED

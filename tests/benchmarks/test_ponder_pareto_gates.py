@@ -1,5 +1,6 @@
 """benchmarks/ponder_pareto.py's gate bookkeeping on hand examples: oracle recovery,
-the oracle's per mini-batch ranking, and the Fixed-1 against SKIP check."""
+the oracle's per mini-batch ranking, the Fixed-1 against SKIP check, and the runs it
+trains."""
 
 import numpy as np
 import pytest
@@ -34,3 +35,19 @@ def test_fixed1_against_skip_by_perplexity_or_recall():
   check = ponder_pareto.fixed1_vs_skip(rows(9.9, 10.0, recall_acc=(0.30, 0.15)))
   assert check["passed"] and check["recall_gain"] == pytest.approx(0.15)
   assert not ponder_pareto.fixed1_vs_skip(rows(9.9, 10.0, recall_acc=(0.2, 0.15)))["passed"]
+
+
+def test_training_runs_are_every_variant_and_the_seed_spread(tmp_path):
+  budget = ponder_pareto.BUDGETS["short"]
+  runs = ponder_pareto.training_runs("recall", budget, "", str(tmp_path), seeds=2)
+  names = [v.name for v in ponder_pareto.variants(budget)]
+  spread = ["skip", "fixed1", "fixed2", "fixed4"]  # Adaptive rows have one seed.
+  assert list(runs) == ([str(tmp_path / n) for n in names]
+                        + [str(tmp_path / f"{n}_s1") for n in spread])
+  for workdir, cfg in runs.items():
+    assert cfg.seed == (1 if workdir.endswith("_s1") else 0)
+    assert cfg.trainer.total_steps == budget.total_steps["recall"]
+  # The same configs `run` trains one by one, so a parallel run is reused there.
+  for variant in ponder_pareto.variants(budget):
+    assert runs[str(tmp_path / variant.name)] == ponder_pareto.variant_config(
+        "recall", budget, variant)
