@@ -244,7 +244,7 @@ def sweep_figure(rows: dict, trained: dict, ablations: dict, path: str) -> None:
     curves[label] = [(rows[name]["flops_ratio"], pct(rows[name]))]
   token_maps.tradeoff_figure(
       curves, path, xlabel="FLOPs per image / baseline's", ylabel="accuracy (%)",
-      title="Fashion-MNIST, patch 4: models trained at each keep ratio, and keep "
+      title="Fashion-MNIST, patch 4: models trained at each keep ratio, and keep\n"
             "policies on one fine-tuned model (labels: keep ratio)", annotations=notes)
 
 
