@@ -315,8 +315,9 @@ def train_parallel(runs: dict, jobs: int, echo=print) -> None:
   """Trains (resumes, or reuses) `runs` ({workdir: config}) in `jobs` spawned processes,
   each with its log in `<workdir>.log`, a run once its `run_dependencies` are done (in
   `runs`' order among the ready ones). A failed run's error, or a SIGTERM's SystemExit,
-  is raised here. On 2 cores, 2 jobs of the small models here train 1.2-1.5x more steps
-  per second in all than 1 (measured 2026-12-03: one such run keeps neither core busy)."""
+  is raised here. On 2 cores, 2 jobs of the small models here train about 1.25x the
+  steps per second of 1 (2026-12-03, quiet cores: a patch-4 ViT 1.9 steps/s alone,
+  1.27 + 1.12 as two), because one such run keeps neither core busy."""
   deps = run_dependencies(runs)
   pending, running, done = list(runs), {}, set()
   with futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")

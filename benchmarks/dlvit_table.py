@@ -63,7 +63,7 @@ from train import vision_report
 _OUT = flags.DEFINE_string("out", "results/dlvit/table.json", "JSON file; PNGs beside it.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/dlvit_table", "Where the runs live.")
 _BUDGET = flags.DEFINE_enum("budget", "full", ["full", "medium", "short", "smoke"],
-                            "full (hours), medium (1.5 h with --jobs=2), short (under an "
+                            "full (hours), medium (under 2 h with --jobs=2), short (under an "
                             "hour), smoke (seconds; tests).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "Fashion-MNIST idx directory ('' = the "
                                 "config's source: the Debian package or tfds).")
@@ -97,9 +97,9 @@ class Budget:
 
 BUDGETS = {
     "full": Budget(4000, 1000, (0, 1), (0.5, 0.7, 0.9), 5000, None, 10, scratch=True),
-    # Every model and ablation of the full budget at 3/8 of its steps (1.6 epochs of
-    # Fashion-MNIST; fine-tuning at half), 2,000 corrupted images: one sitting of about
-    # 1.5 h on 2 cores with --jobs=2.
+    # Every model and ablation of the full budget at 3/8 of its steps (3.6 epochs of the
+    # 54,000 training images; fine-tuning at half), 2,000 corrupted images: one sitting
+    # on 2 cores with --jobs=2 (1 h 47 min measured, 2026-12-03, partly under load).
     "medium": Budget(1500, 500, (0, 1), (0.5, 0.7, 0.9), 2000, None, 10, scratch=True),
     "short": Budget(100, 20, (0,), (0.5, 0.7, 0.9), 100, 500, 3, val_size=500),
     "smoke": Budget(0, 0, (0,), (0.5,), 8, None, 1, val_size=8, smoke=True),

@@ -32,9 +32,8 @@ def run(tmp_path_factory):
   env = subprocess_env()
   env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
   done = subprocess.run([sys.executable, "-m", "benchmarks.ponder_pareto", f"--out={out}",
-                         "--budget=smoke", "--preset=synthetic", "--jobs=2"], cwd=ROOT,
-                        env=env,
-                        capture_output=True, text=True, timeout=900)
+                         "--budget=smoke", "--preset=synthetic", "--jobs=2"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "goal adaptive:" in done.stdout  # The printed summary.
   return out, json.loads((out / "results.json").read_text())
