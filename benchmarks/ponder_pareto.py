@@ -282,8 +282,8 @@ def _evaluate(variant: Variant, model, params, batches: Sequence[dict],
   [N, seq / mini_batch]): nll, mask, steps; adaptive: also gain and difficulties."""
   cfg = model.config
   mb = cfg.ttt_mini_batch
-  out = {name: [] for name in ("nll", "mask", "steps", "gain", "own", "signal", "hard",
-                               "hit", "recall")}
+  out = {name: [] for name in ("nll", "mask", "real", "steps", "gain", "own", "signal",
+                               "hard", "hit", "recall")}
   allocate = alloc_flops = None
   for batch in batches:
     inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
@@ -316,8 +316,11 @@ def _evaluate(variant: Variant, model, params, batches: Sequence[dict],
 
 def _append_quality(out: dict, batch: dict, logits) -> None:
   """Per-token arrays of one batch that `_quality` reads besides "nll": the mask, the
-  argmax hits, and the synthetic sources' labels (difficulty, recall targets)."""
+  argmax hits, and the synthetic sources' labels (difficulty, recall targets); and
+  "real", the positions the model computes on (the FLOP counts' tokens: the mask's
+  unless the scored targets are a subset, as data.loss_on="recall" makes them)."""
   out["mask"].append(batch["mask"])
+  out["real"].append(batch.get("real", batch["mask"]))
   out["hit"].append(np.asarray(_hits(logits, batch["tokens"][:, 1:])))
   if "difficulty" in batch:
     out["hard"].append(batch["difficulty"][:, 1:])
@@ -352,7 +355,7 @@ def _summary(variant: Variant, cfg: ttt_lm.TTTLMConfig, arrays: dict,
   # Mini-batch units: every mini-batch of a row with a scored target.
   mb_real = mask.reshape(n, seq // mb, mb).max(-1) > 0
   token_steps = steps[mask > 0]
-  allocation, mb_steps = _allocation(cfg, mask, steps)
+  allocation, mb_steps = _allocation(cfg, arrays["real"], steps)
   out.update(allocation)
   allowed = cfg.ttt_allowed_steps
   layer = {k: ttt_lm.ttt_flops_per_token(cfg, k) for k in allowed}
@@ -391,8 +394,9 @@ def _summary(variant: Variant, cfg: ttt_lm.TTTLMConfig, arrays: dict,
 
 
 def _allocation(cfg: ttt_lm.TTTLMConfig, mask, steps):
-  """({"allocation": mini-batches and scored tokens at each k, "mean_steps"}, the k of
-  every mini-batch with a scored target) from per-token steps [rows, seq]."""
+  """({"allocation": mini-batches and tokens at each k, "mean_steps"}, the k of every
+  mini-batch with a position in `mask`) from per-token steps [rows, seq]; `mask` is
+  the positions computed on ("real"), so the mean k is what the FLOPs cost."""
   mb = cfg.ttt_mini_batch
   n, seq = mask.shape
   mb_steps = steps[:, ::mb][mask.reshape(n, seq // mb, mb).max(-1) > 0]
@@ -455,8 +459,8 @@ def _evaluate_gates(setting: GateSetting, model, params, train_batch, cfg_steps:
                                      target=setting.target, granularity="batch")
   rng = np.random.default_rng(seed)
   names = ("recon", "oracle", "random")
-  out = {name: {key: [] for key in ("nll", "mask", "steps", "hit", "hard", "recall",
-                                    "steps_mask")} for name in names}
+  out = {name: {key: [] for key in ("nll", "mask", "real", "steps", "hit", "hard",
+                                    "recall", "steps_mask")} for name in names}
   base, programs_by_name = [], {}
   for batch in batches:
     inputs, targets, mask = batch["tokens"][:, :-1], batch["tokens"][:, 1:], batch["mask"]
@@ -478,7 +482,7 @@ def _evaluate_gates(setting: GateSetting, model, params, train_batch, cfg_steps:
       _append_quality(o, batch, logits)
       for k in layer_steps:  # Every TTT layer's allocation, stacked as rows.
         o["steps"].append(np.repeat(k, mb, axis=1))
-        o["steps_mask"].append(mask)
+        o["steps_mask"].append(batch.get("real", mask))
     programs_by_name.setdefault("recon", functools.partial(
         ttt_lm.gate_decisions, model, params, inputs, gate))
     programs_by_name.setdefault("allocated", functools.partial(

@@ -144,6 +144,7 @@ def lm_data(**overrides) -> dict:
       eval_split="valid",  # validation split: scored during training, picks the checkpoint
       test_split="test",  # scored once at the end, when the source has it ("" = never)
       eval_stride=0,      # sliding-window stride for perplexity; 0 = non-overlapping
+      loss_on="all",      # training targets: all | recall (synthetic recall: the answers only)
   )
   block.update(overrides)
   return block

@@ -246,7 +246,10 @@ def lm_loss(params, batch, key, *, model, train: bool, step=None,
     extra["ttt_lr_mult"] = ttt_lm.ttt_lr_mult(model.config, step, total_steps)
   logits = model.apply({"params": params}, tokens[:, :-1], train=train,
                        rngs={"dropout": key}, **extra)
-  return lm.token_nll(logits, tokens[:, 1:]).mean(), {}
+  nll = lm.token_nll(logits, tokens[:, 1:])
+  if "weights" in batch:  # data.loss_on="recall": the mean over the answers only.
+    return jnp.sum(nll * batch["weights"]) / jnp.maximum(jnp.sum(batch["weights"]), 1.0), {}
+  return nll.mean(), {}
 
 
 def lm_eval(params, batch, *, model):
@@ -321,6 +324,7 @@ def build_synthetic_lm(cfg: ml_collections.ConfigDict, mesh) -> Task:
   source = cfg.data.source
   model = build_lm_model(cfg, synthetic.vocab_size(source))
   bs, seq = cfg.trainer.batch_size, cfg.data.seq_len
+  loss_on = cfg.data.get("loss_on", "all")
 
   def init(key):
     return model.init({"params": key}, jnp.zeros((1, seq), jnp.int32), train=False)["params"]
@@ -328,12 +332,20 @@ def build_synthetic_lm(cfg: ml_collections.ConfigDict, mesh) -> Task:
   def train_batch(step):
     batch = synthetic.train_batch(source, seed=cfg.seed, step=step, batch_size=bs,
                                   seq_len=seq)
+    if loss_on == "recall":  # MQAR-style (Zoology): only the recalled values are scored.
+      return {"tokens": batch["tokens"],
+              "weights": (batch["kind"][:, 1:] == synthetic.RECALL).astype(np.float32)}
     return {"tokens": batch["tokens"]}
 
   def eval_batches(split="val"):
     for batch in synthetic.eval_batches(source, seed=cfg.seed, batch_size=bs, seq_len=seq,
                                         num_batches=cfg.data.eval_batches, split=split):
-      yield {k: batch[k] for k in ("tokens", "difficulty", "kind", "mask")}
+      if loss_on == "recall":  # Score what was trained: perplexity over the answers;
+        # "real" keeps every position, which the inner loop runs on (the FLOP counts).
+        batch["real"] = batch["mask"]
+        batch["mask"] = batch["mask"] * (batch["kind"][:, 1:] == synthetic.RECALL)
+      yield {k: batch[k] for k in ("tokens", "difficulty", "kind", "mask", "real")
+             if k in batch}
 
   return Task(model=model, init=init, train_batch=train_batch, eval_batches=eval_batches,
               test_batches=functools.partial(eval_batches, "test"),
@@ -362,6 +374,15 @@ def check_text_source(source: str) -> None:
 
 def build_language_model(cfg: ml_collections.ConfigDict, mesh) -> Task:
   check_text_source(cfg.data.source)
+  loss_on = cfg.data.get("loss_on", "all")
+  if loss_on not in ("all", "recall"):
+    raise errors.unknown_key("data.loss_on", loss_on, ("all", "recall"))
+  if loss_on == "recall" and not (cfg.data.source.startswith("synthetic:")
+                                  and synthetic.has_recall(cfg.data.source)):
+    raise errors.ConfigError(
+        f"data.loss_on='recall' trains on the answers of a recall task, and "
+        f"{cfg.data.source} has none: use data.source='synthetic:recall' or "
+        "data.loss_on='all'.")
   if cfg.data.source.startswith("synthetic:"):
     return build_synthetic_lm(cfg, mesh)
   tok = build_tokenizer(cfg.data)

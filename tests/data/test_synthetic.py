@@ -70,9 +70,10 @@ def test_unknown_task_is_a_clear_error():
 
 
 def test_recall_queries_read_their_values_far_back_in_the_store():
-  length, pairs = 257, 16
+  length = 257
   spec = dict(synthetic.TASKS["recall"])
   spec.pop("sampler")
+  pairs = spec["num_pairs"]
   keys, values = spec["num_keys"], spec["num_values"]
   batch = synthetic.train_batch("synthetic:recall", seed=0, step=1, batch_size=8,
                                 seq_len=length - 1)
@@ -101,4 +102,4 @@ def test_recall_queries_read_their_values_far_back_in_the_store():
 
 def test_recall_too_short_for_its_pairs_is_a_clear_error():
   with pytest.raises(errors.ConfigError, match="lengthen the sequence"):
-    synthetic.train_batch("synthetic:recall", seed=0, step=0, batch_size=1, seq_len=63)
+    synthetic.train_batch("synthetic:recall", seed=0, step=0, batch_size=1, seq_len=4 * synthetic.TASKS["recall"]["num_pairs"] - 1)

@@ -19,7 +19,7 @@ from train import tasks
 
 
 @pytest.mark.parametrize("preset,seq,window", [
-    ("recall", 512, 32), ("shakespeare_long", 1024, 32), ("wikitext2_long", 512, 64)])
+    ("recall", 256, 32), ("shakespeare_long", 1024, 32), ("wikitext2_long", 512, 64)])
 def test_long_presets_leave_the_long_range_to_ttt(preset, seq, window):
   cfg = ttt_lm_config.get_config(preset)
   assert cfg.data.seq_len == seq == cfg.model.n_positions
@@ -39,9 +39,41 @@ def test_recall_task_reports_the_accuracy_on_recalled_values():
   logits = _apply_static(task.model, params, batch["tokens"][:, :-1])
   recall = batch["kind"][:, 1:] == synthetic.RECALL
   hits = np.asarray(logits).argmax(-1) == batch["tokens"][:, 1:]
-  assert recall.sum() == 16 * len(recall)  # Every stored pair is asked once per row.
+  pairs = synthetic.TASKS["recall"]["num_pairs"]
+  assert recall.sum() == pairs * len(recall)  # Every stored pair is asked once per row.
   assert summary["recall_acc"] == pytest.approx(hits[recall].mean())
   assert np.isfinite(summary["nll"])
+
+
+def test_recall_loss_and_score_are_the_answers_only():
+  # data.loss_on="recall" (the recall preset's): the training loss is the mean NLL of
+  # the answers, evaluation scores them alone, and "real" keeps every position.
+  cfg = ttt_lm_config.get_config("recall,smoke")
+  assert cfg.data.loss_on == "recall"
+  task = tasks.build(cfg, None)
+  params = _params(task.model, cfg.data.seq_len, scale=0.05)
+  batch = task.train_batch(0)
+  loss, _ = task.loss_fn(params, batch, jax.random.key(0), train=False)
+  logits = np.asarray(_apply_static(task.model, params, batch["tokens"][:, :-1]))
+  targets = batch["tokens"][:, 1:]
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
+      -1, keepdims=True)) - logits.max(-1, keepdims=True)
+  nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  answers = synthetic.train_batch(cfg.data.source, seed=cfg.seed, step=0,
+                                  batch_size=cfg.trainer.batch_size,
+                                  seq_len=cfg.data.seq_len)["kind"][:, 1:] == synthetic.RECALL
+  np.testing.assert_allclose(float(loss), nll[answers].mean(), rtol=1e-5)
+  evaluation = next(iter(task.eval_batches()))
+  np.testing.assert_array_equal(evaluation["mask"] > 0,
+                                evaluation["kind"][:, 1:] == synthetic.RECALL)
+  assert (evaluation["real"] == 1).all()
+
+
+def test_recall_loss_on_a_source_without_answers_is_a_clear_error():
+  cfg = ttt_lm_config.get_config("synthetic,smoke")
+  cfg.data.loss_on = "recall"
+  with pytest.raises(errors.ConfigError, match="synthetic:recall"):
+    tasks.build(cfg, None)
 
 
 def test_gated_model_equals_its_decisions_and_forms_agree():
