@@ -1,5 +1,5 @@
 """benchmarks/ponder_pareto.py's gate bookkeeping on hand examples: oracle recovery,
-the oracle's per mini-batch ranking, the Fixed-1 against SKIP check, and the runs it
+the oracle's counterfactual per mini-batch ranking, the Fixed-1 against SKIP check, and the runs it
 trains."""
 
 import numpy as np
@@ -17,13 +17,20 @@ def test_oracle_recovery_on_a_hand_example():
   assert ponder_pareto.oracle_recovery(4.0, 3.9, 4.0) is None  # Nothing to recover.
 
 
-def test_mini_batch_score_is_the_masked_mean_gain():
-  low = np.array([[3.0, 3.0, 1.0, 1.0], [5.0, 1.0, 2.0, 2.0]])
-  high = np.array([[1.0, 2.0, 1.0, 1.0], [5.0, 1.0, 0.0, 9.0]])
-  mask = np.array([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
-  # Mini-batch 0: gains 2, 1, 0, 0 -> 3 / 4; mini-batch 1: 0, 0, 2 (one masked) -> 2 / 3.
-  np.testing.assert_allclose(ponder_pareto._mini_batch_score(low, high, mask, 2),
-                             [0.75, 2.0 / 3.0])
+def test_mini_batch_score_is_the_counterfactual_gain():
+  # A hand model of a store: updating mini-batch 0 (k = 1) lowers the NLL of the query
+  # at the last position by 2; updating mini-batch 1 lowers its own first position by
+  # 0.5; mini-batch 2 is filler whose update overwrites the store (+1 at the query).
+  def nll_of_steps(steps):
+    nll = np.full((2, 6), 3.0)
+    nll[:, 5] -= 2.0 * steps[0] - 1.0 * steps[2]
+    nll[:, 2] -= 0.5 * steps[1]
+    return nll
+  mask = np.array([[0, 0, 1, 0, 0, 1], [0, 0, 1, 0, 0, 1]], np.float32)
+  score = ponder_pareto._mini_batch_score(nll_of_steps, mask, 3, 0, 1)
+  # All updated: (2.5 + 2) / 2 = 2.25. Dropping j changes it by +2/2, +0.5/2, -1/2.
+  np.testing.assert_allclose(score, [1.0, 0.25, -0.5])
+  # The local difference at mini-batch 0 has no scored target there: it would be 0.
 
 
 def test_fixed1_against_skip_by_perplexity_or_recall():
