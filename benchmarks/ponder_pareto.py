@@ -69,7 +69,10 @@ whole valid split), every variant with its own trained parameters:
   NLL with that one mini-batch at the lowest k and every other at the highest, minus
   its NLL with all at the highest (`_mini_batch_score`; one extra pass per mini-batch:
   16 per batch on the recall preset, 128 at sequence 2048), and random<setting> at
-  random, both allocating exactly the target fractions. gate_recovery: oracle recovery = (base -
+  random, both allocating exactly the target fractions. Each of these rows has
+  raised_rate_by_position (the share above the lowest k at each mini-batch position;
+  gate_positions.png) and gate_recovery has oracle_gain_by_position (the mean
+  counterfactual gain). gate_recovery: oracle recovery = (base -
   gate) / (base - oracle) in NLL, base = every mini-batch at the lowest k (also for
   random), and whether it reaches 80%. Each row's inner_flops_per_token counts its
   signal: gate_flops_per_token (recon: `ttt_lm.gate_flops_per_token`; the entropy
@@ -86,7 +89,7 @@ whole valid split), every variant with its own trained parameters:
 
 Files in DIR: results.json, pareto.png (valid perplexity against inner-loop FLOPs,
 total FLOPs and measured time per token, every row), recall.png (recall preset: recall
-accuracy against inner FLOPs and time), allocation.png, curves.png (all trained
+accuracy against inner FLOPs and time), allocation.png, gate_positions.png, curves.png (all trained
 variants' training loss and eval perplexity) and each workdir's own curves.png.
 
 Runtime on the 2-core CPU while another training job shared it (1-minute load about 4;
@@ -468,7 +471,7 @@ def _evaluate_gates(setting: GateSetting, model, params, train_batch, cfg_steps:
   names = ("recon", "oracle", "random")
   out = {name: {key: [] for key in ("nll", "mask", "real", "steps", "hit", "hard",
                                     "recall", "steps_mask")} for name in names}
-  base, programs_by_name = [], {}
+  base, scores, programs_by_name = [], [], {}
   for batch in batches:
     inputs, targets, mask = batch["tokens"][:, :-1], batch["tokens"][:, 1:], batch["mask"]
     nll_low = np.asarray(_token_nll(programs.by_k[low](params, inputs), targets))
@@ -479,6 +482,7 @@ def _evaluate_gates(setting: GateSetting, model, params, train_batch, cfg_steps:
         lambda steps: np.asarray(_token_nll(programs.second_pass(params, inputs, steps),
                                             targets)),
         mask, inputs.shape[1] // mb, low, top)
+    scores.append(score)
     allocs = {"recon": (logits, layer_steps)}
     for name, ranking in (("oracle", score), ("random", rng.random(score.shape))):
       # Distinct ranks (ties by position), so that equal gains (mini-batches whose update
@@ -502,6 +506,7 @@ def _evaluate_gates(setting: GateSetting, model, params, train_batch, cfg_steps:
   arrays = {name: {k: np.concatenate(v) for k, v in o.items() if v} for name, o in out.items()}
   base = np.concatenate(base)
   return dict(arrays=arrays, gate=gate, timed=programs_by_name,
+              oracle_gain_by_position=np.mean(scores, axis=0).tolist(),
               base_nll=float((base * arrays["recon"]["mask"]).sum()
                              / arrays["recon"]["mask"].sum()))
 
@@ -530,7 +535,11 @@ def _gate_summaries(setting: GateSetting, cfg: ttt_lm.TTTLMConfig, evaluated: di
         update_flops_per_token=update, gate_flops_per_token=gate,
         inner_flops_per_token=update + gate,
         ttt_layer_flops_per_token=mean(layer),
-        total_flops_per_token=mean(programs.total_flops) + gate)
+        total_flops_per_token=mean(programs.total_flops) + gate,
+        # Where in the sequence each allocation spends its steps: the share of rows (and
+        # TTT layers) above the lowest bucket at each mini-batch position.
+        raised_rate_by_position=(arrays["steps"][:, ::cfg.ttt_mini_batch]
+                                 > setting.buckets[0]).mean(0).tolist())
   base = evaluated["base_nll"]
   nll = {name: rows[name + setting.name]["valid_nll"] for name in evaluated["arrays"]}
   recovery = dict(
@@ -540,7 +549,8 @@ def _gate_summaries(setting: GateSetting, cfg: ttt_lm.TTTLMConfig, evaluated: di
       recovery=oracle_recovery(base, nll["recon"], nll["oracle"]),
       random_recovery=oracle_recovery(base, nll["random"], nll["oracle"]),
       realised_rate=rows["recon" + setting.name]["realised_rate"],
-      target_rate=rows["recon" + setting.name]["target_rate"], goal=GATE_RECOVERY_GOAL)
+      target_rate=rows["recon" + setting.name]["target_rate"], goal=GATE_RECOVERY_GOAL,
+      oracle_gain_by_position=evaluated["oracle_gain_by_position"])
   recovery["passed"] = (recovery["recovery"] is not None
                         and recovery["recovery"] >= GATE_RECOVERY_GOAL)
   return rows, recovery
@@ -640,6 +650,13 @@ def _plots(out_dir: str, preset: str, results: dict, workdirs: dict) -> None:
                for k, c in r["allocation"][unit].items()} for name, r in results.items()}
   analysis.plots.allocation_histogram(fractions, os.path.join(out_dir, "allocation.png"),
                                       title="inner steps allocated (evaluation data)")
+  analysis.plots.line_panels(
+      {f"{setting.source}'s parameters, buckets {setting.buckets}": {
+          kind: results[kind + setting.name]["raised_rate_by_position"]
+          for kind in ("recon", "oracle", "random")} for setting in GATE_SETTINGS},
+      os.path.join(out_dir, "gate_positions.png"), x_label="mini-batch position",
+      y_label="share above the lowest k",
+      title="where the gate, the oracle and random spend their steps (evaluation data)")
   metrics = [("train", "loss"), ("eval", "perplexity")]
   if preset in ("synthetic", "recall"):
     metrics += [("eval", "nll_easy"), ("eval", "nll_hard")]

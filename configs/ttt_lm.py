@@ -8,8 +8,8 @@ Presets: synthetic (ponder/data/synthetic.py, PonderTTT's Phase 1: spans of rand
 copied and arithmetic tokens; the evaluation also reports nll_easy / nll_hard on the
 predictable and unpredictable targets), wikitext2 (GPT-2 BPE, a WikiText-layout
 directory), shakespeare (characters, one text file); long context with 32/64-token
-sliding-window attention beside TTT: recall (synthetic associative recall at 512, the
-answers 449+ tokens from their source; also recall_acc), shakespeare_long (characters
+sliding-window attention beside TTT: recall (synthetic associative recall at 256, the
+answers 241+ tokens from their source; also recall_acc), shakespeare_long (characters
 at 1024), wikitext2_long (BPE at 512).
 Arguments: mode=fixed|skip|adaptive (k inner steps everywhere, k = 0, or PonderTTT's
 entropy-based allocation among model.ponder_buckets), k=INT (the fixed k), smoke (a
@@ -25,6 +25,8 @@ fast), SKIP / Fixed-1 / Fixed-2 / Fixed-4 / adaptive:
   synthetic  0.24 / 0.28 / 0.48 / 0.83 / 0.81 (500 steps: 2-7 min a run)
   wikitext2  3.8 / 4.2 / 5.0 / 6.2 / 8.2 (100 steps: 6-14 min a run; GPT-2's output
              layer over 50,257 tokens is most of it)
+  recall     0.24 / 0.26 / 0.51 / 0.99 / 0.93 (1,000 steps: 4-17 min a run; measured
+             with two runs side by side on an otherwise quiet machine, 2026-12-04)
 Adaptive costs as much as Fixed-4 to train: its gradient goes through a lax.switch per
 mini-batch. WORKSPACE.md records both presets' Pareto runs (benchmarks/ponder_pareto.py).
 """

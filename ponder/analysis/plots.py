@@ -126,6 +126,23 @@ def allocation_histogram(fractions: Mapping[str, Mapping[str, Mapping]], path: s
   _save(plt, fig, path, title)
 
 
+def line_panels(panels: Mapping[str, Mapping[str, Sequence[float]]], path: str, *,
+                x_label: str, y_label: str, title: str = "") -> None:
+  """Writes a PNG with one panel per key of `panels`: each series (a list of y values
+  at x = 0, 1, ...) as a marked line."""
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+  for ax, (panel, by_series) in zip(axes.flat, panels.items()):
+    for name, ys in by_series.items():
+      ax.plot(range(len(ys)), ys, marker="o", ms=4, lw=1.0, label=name)
+    ax.set_title(panel, fontsize="medium")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+  _save(plt, fig, path, title)
+
+
 def compare_runs(rows_by_run: Mapping[str, Sequence[Mapping]], path: str, *,
                  metrics: Sequence[tuple], title: str = "") -> list:
   """Writes a PNG with one panel per (split, metric) of `metrics`, one line per run,

@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import goals
@@ -43,7 +44,7 @@ def test_writes_results_and_pictures(run):
   out, result = run
   for name in TRAINED:  # --jobs=2 trained each run in a worker, with its own log.
     assert "steps" in (out / f"{name}.log").read_text(), name
-  for name in ("pareto.png", "allocation.png", "curves.png"):
+  for name in ("pareto.png", "allocation.png", "gate_positions.png", "curves.png"):
     assert (out / name).stat().st_size > 1000, name
   assert set(result["variants"]) == TRAINED | GATED
   assert TRAINED >= {"skip", "fixed1", "fixed2", "fixed4", "adaptive"}
@@ -106,6 +107,13 @@ def test_gates_oracle_and_random_at_the_same_rate(run):
     # chunks whose realised gain is negative, so on an untrained smoke model it can lose.)
     assert g["recovery"] == ponder_pareto.oracle_recovery(g["base_nll"], g["gate_nll"],
                                                           g["oracle_nll"])
+    # One share per mini-batch position; with SKIP/update their mean is the update rate.
+    n_mb = result["seq_len"] // result["model"]["ttt_mini_batch"]
+    assert len(g["oracle_gain_by_position"]) == n_mb
+    for row in rows:
+      assert len(row["raised_rate_by_position"]) == n_mb
+      if setting.buckets == (0, 1):
+        assert np.mean(row["raised_rate_by_position"]) == pytest.approx(row["realised_rate"])
     # The gate pays for its signal; the oracle and random are charged nothing.
     assert rows[0]["gate_flops_per_token"] > 0 == rows[1]["gate_flops_per_token"]
     assert rows[0]["inner_flops_per_token"] == pytest.approx(
