@@ -97,8 +97,10 @@ seconds per step of each variant in configs/ttt_lm.py's docstring; an idle machi
 about twice as fast): synthetic short 7.5 min (measured); synthetic full about 40 min
 (500 steps per variant, about 35 min of training steps); wikitext2 full about 80 min
 (100 steps per variant, 72 min of training steps, plus evaluations of the whole valid
-split); wikitext2 short about 20 min. Most of a smoke or short run is XLA compiling
-(15-40 s per train step program on this CPU).
+split); wikitext2 short about 20 min; recall full with --seeds=2 --jobs=2 on an idle
+machine 60 min of training and 4 min of measurement (the oracle's 16 extra passes per
+batch included; measured 2026-12-04), each further seed 18-30 min. Most of a smoke or
+short run is XLA compiling (15-40 s per train step program on this CPU).
 """
 
 import dataclasses
