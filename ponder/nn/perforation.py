@@ -33,9 +33,11 @@ What each piece is, and where it departs from the seed's sketch:
   so no row is empty), and optionally the [CLS] column (key block 0, every query sees
   [CLS]) and row (query block 0 sees everything). A full row makes the CPU gathered path
   dense (its cost is set by the fullest row), so the row is off by default.
-* `cap_rows`: at most `max_active` tiles per query-block row (the highest-scoring,
-  forced tiles first), in training and at inference alike, so the static
-  `max_active_blocks` of the XLA path always holds and never falls back to dense.
+* `cap_rows`: at most `row_budget` tiles per query-block row (the highest-scoring),
+  in training and at inference alike; forced tiles are kept beyond it (only the
+  [CLS] row has more forced tiles than the budget). The static `max_active_blocks` of
+  the XLA path (`max_active`: the budget, or every block with the [CLS] row) always
+  holds, so the path never falls back to dense.
 * `regulariser`: the seed's `SparsityRegularizationLoss` term by term (Sec. 6.3.1), each
   with its own weight; the target sparsity is ramped from `initial_sparsity` to
   `target_sparsity` over `sparsity_warmup_steps` (the issue's ramp; the seed instead
@@ -107,9 +109,11 @@ class PerforationSpec:
                            math.ceil((1.0 - self.target_sparsity) * nb - 1e-6))))
 
   def max_active(self, seq_len: int) -> int:
-    """The static `max_active_blocks` of a sequence of seq_len tokens (`row_budget`).
-    The cap makes the hard mask's sparsity at least the target's share of each row."""
-    return self.row_budget(self.grid(seq_len))
+    """The static `max_active_blocks` of a sequence of seq_len tokens: the fullest
+    row's tiles, `row_budget` (the cap that makes each row's sparsity at least the
+    target's), or every block when the [CLS] row is kept."""
+    nb = self.grid(seq_len)
+    return nb if self.keep_cls_row else self.row_budget(nb)
 
 
 def _forced_count(spec: PerforationSpec, nb: int) -> int:
@@ -202,8 +206,9 @@ def forced_tiles(nb: int, *, cls_column: bool, cls_row: bool):
 
 def cap_rows(keep, scores, forced, max_active):
   """keep (float `[..., nq, nk]`) limited to the `max_active` highest-ranked tiles of
-  each row, forced tiles ranked first. max_active may be a traced scalar (training
-  ramps it with the target); a static one >= nk returns keep as it is."""
+  each row, forced tiles ranked first and kept even past the cap (the [CLS] row's).
+  max_active may be a traced scalar (training ramps it with the target); a static one
+  >= nk returns keep as it is."""
   nk = keep.shape[-1]
   if isinstance(max_active, int) and max_active >= nk:
     return keep
@@ -212,7 +217,7 @@ def cap_rows(keep, scores, forced, max_active):
   # even where scores tie (a static table starts with all its scores equal).
   order = jnp.argsort(-rank_key, axis=-1, stable=True)
   rank = jnp.argsort(order, axis=-1)
-  return keep * (rank < max_active).astype(keep.dtype)
+  return keep * ((rank < max_active) | forced).astype(keep.dtype)
 
 
 def logistic_noise(key, shape):
@@ -307,12 +312,11 @@ def layer_mask(scorer: Optional[nn.Module], spec: PerforationSpec, q, k, valid, 
   """
   nb, heads = spec.grid(q.shape[2]), q.shape[1]
   forced = forced_tiles(nb, cls_column=spec.keep_cls_column, cls_row=spec.keep_cls_row)
-  max_active = spec.max_active(q.shape[2])
   if scorer is None:
     fixed = jnp.asarray(fixed_pattern(spec, nb, heads, layer))[None]
     return fixed.astype(jnp.float32), None, fixed
   scores = scorer(q, k, valid)
-  hard = hard_mask(scores, forced, max_active)
+  hard = hard_mask(scores, forced, spec.row_budget(nb))
   if not train:
     return hard.astype(jnp.float32), None, hard
   # Training keeps the ramped target's share of each row (ceil, as `row_budget`), so the

@@ -62,9 +62,14 @@ def test_goals_use_the_mean_over_seeds_and_tolerate_missing_sst2():
   assert got["mlm_50_within_2pct_of_dense"]
   # BigBird's single seed (4.1) is below the learned 4.15: not every pattern is beaten.
   assert not got["mlm_50_beats_every_fixed_pattern"]
-  assert got["sst2_points_below_dense"] is None and not got["sst2_within_0.5_points"]
+  # No SST-2 runs and no speed records (--skip_speed): not measured, not missed.
+  assert got["sst2_points_below_dense"] is None and got["sst2_within_0.5_points"] is None
+  no_speed = perforation.goals([], mlm)
+  assert no_speed["model_2048_speedup_at_50"] is None
+  assert no_speed["model_2048_at_least_1.4x"] is None
   only_two = [r for r in mlm if r["run"] in ("mlm_dense", "mlm_perforated_50")]
   assert perforation.goals(speed, only_two)["mlm_50_beats_every_fixed_pattern"] is None
+  assert perforation.goals(speed, [])["mlm_50_within_2pct_of_dense"] is None
 
 
 def test_goals_compare_runs_only_on_the_seeds_both_have():

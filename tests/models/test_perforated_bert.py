@@ -38,12 +38,14 @@ def perforated():
   return model, params
 
 
-@pytest.mark.parametrize("mode", ["learned", "bigbird"])
+@pytest.mark.parametrize("mode", ["learned", "bigbird", "learned_cls_row"])
 def test_masked_training_path_equals_kernel_inference_path(perforated, mode):
   model, params = perforated
-  if mode != "learned":
+  if mode == "bigbird":
     model = bert.Bert(tiny(mode))
     params = model.init(jax.random.key(0), *batch(0))
+  if mode == "learned_cls_row":  # The same parameters; query block 0 keeps every block.
+    model = bert.Bert(tiny(keep_cls_row=True))
   ids, mask = batch(1)
   dense_path = P.control(0, model.config.perforation, impl="dense")
   masked, sown = model.apply(params, ids, mask, perforation=dense_path,
@@ -52,6 +54,11 @@ def test_masked_training_path_equals_kernel_inference_path(perforated, mode):
   hard = P.collect(sown["intermediates"], "perforation_hard")
   density = float(hard.mean())
   assert 0.2 < density < 1.0, density  # Some tiles kept, some skipped.
+  if mode == "learned_cls_row":
+    spec, nb = model.config.perforation, SEQ // 8
+    assert bool(hard[:, :, :, 0].all())  # [layers, b, heads, nq, nk]: row 0 is full,
+    assert int(hard[:, :, :, 1:].sum(-1).max()) <= spec.row_budget(nb)  # the rest capped,
+    assert spec.max_active(SEQ) == nb  # and the kernel's static bound covers row 0.
   chex.assert_trees_all_close(kernel.last_hidden_state, masked.last_hidden_state,
                               atol=2e-5, rtol=2e-5)
 

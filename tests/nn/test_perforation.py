@@ -180,6 +180,20 @@ def test_hard_mask_keeps_forced_tiles_and_caps_rows():
     assert set(np.flatnonzero(h[idx] & free[idx[2]])) == want
 
 
+def test_cls_row_is_kept_past_the_row_cap():
+  # Before 2026-12-04 the cap cut the forced [CLS] row to the budget like any other.
+  scores = jax.random.normal(jax.random.key(1), (2, 3, 8, 8))
+  forced = P.forced_tiles(8, cls_column=True, cls_row=True)
+  hard = np.asarray(P.hard_mask(scores, forced, 3))
+  assert hard[..., 0, :].all()
+  np.testing.assert_array_equal(hard[..., 1:, :],
+                                np.asarray(P.hard_mask(scores, P.forced_tiles(
+                                    8, cls_column=True, cls_row=False), 3))[..., 1:, :])
+  spec = P.PerforationSpec(block=64, target_sparsity=0.5, keep_cls_row=True)
+  assert spec.row_budget(8) == 4 and spec.max_active(512) == 8
+  assert P.PerforationSpec(block=64, target_sparsity=0.5).max_active(512) == 4
+
+
 @pytest.mark.parametrize("mode", ["random", "band_global", "bigbird"])
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.9])
 def test_fixed_patterns_have_the_row_budget(mode, sparsity):
