@@ -28,16 +28,18 @@ runs whose directories are gone from an earlier perforation.json of the same bud
    target, and the baselines (random, band + global, BigBird-like, static per-head) at
    the budget's targets (full: 0.3, 0.5, 0.7; at 512, an 8 x 8 mask, 0.1 keeps all 8
    tiles of a row, so every fixed pattern is dense, and 0.9 keeps only the forced
-   diagonal and [CLS] column, so every baseline is that one mask and the learned one
-   differs from it only in [CLS]'s row: the dense and learned runs stand for both
-   ends); the same steps and batches for all. Then SST-2 dev accuracy of
-   MiniLM fine-tuned dense and perforated (learned, 0.5).
+   diagonal and [CLS] column, so every mask, learned or fixed, is that one but for the
+   second tile of [CLS]'s row: the dense and learned runs stand for both ends); the
+   same steps and batches for all. Then SST-2 dev accuracy of
+   MiniLM fine-tuned dense and perforated (learned, 0.5), and perforated with the [CLS]
+   row kept whole (`sst2_perforated_50_cls_row`: query block 0, the row the classifier
+   reads, sees every key block).
 3. masks.png: the learned 0.5 run's hard masks of a few heads on real validation windows.
 
 Budgets: short (minutes per run on 2 loaded cores; the numbers say little about quality)
 and full (planned at about 4 hours from the step FLOPs; measured on 2 idle cores,
 2026-12-02: 24 min per dense MLM run and 30 per masked one with its evaluation, so its 18
-MLM and 2 SST-2 runs take about 9 hours per seed: build it across sittings with --only
+MLM and 3 SST-2 runs take about 9 hours per seed: build it across sittings with --only
 and --reuse).
 """
 
@@ -67,6 +69,8 @@ FLAGS = flags.FLAGS
 
 SPARSITIES = (0.1, 0.3, 0.5, 0.7, 0.9)
 BASELINES = ("static", "random", "band_global", "bigbird")
+# Phase 3: dense, the learned mask at 0.5, and the same with the [CLS] row kept whole.
+SST2_RUNS = ("sst2_dense", "sst2_perforated_50", "sst2_perforated_50_cls_row")
 # (steps, batch, validation windows, the learned model's and the baselines' targets,
 # SST-2 steps, speed runs). The smoke sweep trains two learned targets, not five: each
 # run is mostly compilation, and two points already draw the sweep's picture.
@@ -180,12 +184,13 @@ def mlm_config(preset: str, sparsity: float, budget: dict, wikitext: str):
   return cfg
 
 
-def sst2_config(perforated: bool, budget: dict, sst2: str):
+def sst2_config(perforated: bool, budget: dict, sst2: str, cls_row: bool = False):
   """SST-2 fine-tuning, dense (configs/dendritic_bert.py:minilm) or perforated. At the
   preset's length (the full budget) the preset's schedule stands: warm-up 66, an
   evaluation every 220 steps selecting on validation. The dense run is then exactly the
   `minilm` row of benchmarks/dendritic_bert_table.py, and the perforated one differs
-  from it only in the mask. Shorter budgets evaluate once, at the end."""
+  from it only in the mask. Shorter budgets evaluate once, at the end. `cls_row`: query
+  block 0 ([CLS], the row the classifier reads) keeps every key block."""
   steps, batch = budget["sst2_steps"], budget["sst2_batch"]
   smoke = ",smoke" if budget["smoke"] else ""
   length = "" if steps == dendritic_bert.PRESETS["minilm"]["trainer"]["total_steps"] else (
@@ -199,6 +204,8 @@ def sst2_config(perforated: bool, budget: dict, sst2: str):
     cfg.data.source = f"local:{os.path.abspath(sst2)}"
   cfg.trainer.batch_size = batch
   cfg.data.valid_fraction = budget["sst2_valid_fraction"]
+  if perforated:
+    cfg.perforation.keep_cls_row = cls_row
   if length:
     cfg.optim.warmup_steps = max(1, steps // 16)
     cfg.trainer.update(eval_every=steps, ckpt_every=max(steps // 2, 1))
@@ -237,8 +244,8 @@ def quality_records(out: str, budget: dict, save, seeds=(0,), only=(), reuse=())
   rest += [(f"mlm_{mode}_{int(s * 100)}", f"mlm_{mode}", s) for mode in BASELINES
            for s in budget["baseline_sparsities"] if s != 0.5]
   runs = [(name, "mlm", preset, s, seed) for seed in seeds for name, preset, s in first + rest]
-  runs += [(name, "sst2", None, 0.5 if name.endswith("_50") else 0.0, seed) for seed in seeds
-           for name in ("sst2_dense", "sst2_perforated_50")]
+  runs += [(name, "sst2", None, 0.5 if "_50" in name else 0.0, seed) for seed in seeds
+           for name in SST2_RUNS]
   records = []
   for name, kind, preset, s, seed in runs:
     workdir = os.path.join(out, "runs", name if seed == 0 else f"{name}_seed{seed}")
@@ -252,7 +259,8 @@ def quality_records(out: str, budget: dict, save, seeds=(0,), only=(), reuse=())
     if kind == "mlm":
       cfg = mlm_config(preset, s if s else 0.5, budget, FLAGS.wikitext)
     else:
-      cfg = sst2_config(name != "sst2_dense", budget, FLAGS.sst2)
+      cfg = sst2_config(name != "sst2_dense", budget, FLAGS.sst2,
+                        cls_row=name.endswith("_cls_row"))
     cfg.seed = seed
     final = run_once(cfg, workdir)
     record = dict(run=name, task=kind, seed=seed, target_sparsity=s,
@@ -262,7 +270,8 @@ def quality_records(out: str, budget: dict, save, seeds=(0,), only=(), reuse=())
                     mlm_loss=final["mlm_loss"], accuracy=final["accuracy"],
                     seq=cfg.data.seq_len)
     else:
-      record.update(mode="learned" if s else "none", dev_accuracy=final["accuracy"],
+      record.update(mode="learned" if s else "none", keep_cls_row=name.endswith("_cls_row"),
+                    dev_accuracy=final["accuracy"],
                     val_accuracy=final.get("val", {}).get("accuracy"),
                     selected_step=final.get("selected_step"))
       if s:  # The classification eval does not measure the mask: the last training rows do.
@@ -289,7 +298,8 @@ def real_tile_sparsity(hard, lengths, block: int):
   """Per example, the share of its real tiles (query and key blocks that hold a real
   token) that the hard masks `[layers, b, heads, nq, nk]` drop, over layers and heads."""
   hard = np.asarray(hard)
-  return np.array([1.0 - hard[:, e, :, :r, :r].mean() for e, r in
+  # An all-padding row of the batch (no real token) has no tiles: NaN, filtered later.
+  return np.array([1.0 - hard[:, e, :, :r, :r].mean() if r else np.nan for e, r in
                    enumerate(-(-np.asarray(lengths) // block))])
 
 
@@ -401,9 +411,13 @@ def goals(speed: list, quality: list) -> dict:
            and modes[n] in ("random", "band_global", "bigbird")]
   model_2048 = [r for r in speed if r["part"] == "model" and r["seq"] == 2048
                 and r["target_sparsity"] == 0.5]
-  perforated, sst_dense = _paired_means(_by_seed(quality, "sst2", "dev_accuracy"),
-                                        "sst2_perforated_50", "sst2_dense")
-  sst_gap = None if perforated is None else sst_dense - perforated
+  sst2 = _by_seed(quality, "sst2", "dev_accuracy")
+  sst_gap = {}
+  for run in SST2_RUNS[1:]:
+    perforated, sst_dense = _paired_means(sst2, run, "sst2_dense")
+    sst_gap[run] = None if perforated is None else sst_dense - perforated
+  cls_gap = sst_gap["sst2_perforated_50_cls_row"]
+  sst_gap = sst_gap["sst2_perforated_50"]
   return {
       "mlm_50_within_2pct_of_dense": None if learned is None else learned <= 1.02 * dense,
       "mlm_50_loss_ratio_to_dense": None if learned is None else learned / dense,
@@ -414,6 +428,9 @@ def goals(speed: list, quality: list) -> dict:
       "model_2048_at_least_1.4x": model_2048[0]["speedup"] >= 1.4 if model_2048 else None,
       "sst2_points_below_dense": None if sst_gap is None else 100 * sst_gap,
       "sst2_within_0.5_points": None if sst_gap is None else sst_gap <= 0.005,
+      # The same mask with query block 0 ([CLS]) reading every key block.
+      "sst2_cls_row_points_below_dense": None if cls_gap is None else 100 * cls_gap,
+      "sst2_cls_row_within_0.5_points": None if cls_gap is None else cls_gap <= 0.005,
   }
 
 
@@ -471,10 +488,11 @@ def sst2_length_plot(quality: list, path: str) -> bool:
   for ax, split in zip(axes, ("valid", "dev")):
     first = next(iter(runs.values()))[0][split]["buckets"]
     buckets = sorted(first, key=int)
+    width = 0.8 / len(runs)
     for i, (name, seeds) in enumerate(sorted(runs.items())):
       acc = [100 * np.mean([s[split]["buckets"][b]["accuracy"] for s in seeds
                             if b in s[split]["buckets"]]) for b in buckets]
-      ax.bar(np.arange(len(buckets)) + 0.4 * i - 0.2, acc, width=0.4,
+      ax.bar(np.arange(len(buckets)) + width * (i - (len(runs) - 1) / 2), acc, width=width,
              label=f"{name} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
     ax.set_xticks(range(len(buckets)))
     ax.set_xticklabels([f"<= {b}\nn={first[b]['n']}" for b in buckets], fontsize=8)

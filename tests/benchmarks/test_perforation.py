@@ -32,6 +32,23 @@ def test_goals_met_and_missed():
   assert not missed["model_2048_at_least_1.4x"] and not missed["sst2_within_0.5_points"]
 
 
+def test_sst2_goal_of_the_cls_row_variant_is_its_own():
+  speed, quality = records(sst2=(0.90, 0.88))
+  quality += [dict(run="sst2_perforated_50_cls_row", task="sst2", dev_accuracy=0.898)]
+  got = perforation.goals(speed, quality)
+  assert abs(got["sst2_points_below_dense"] - 2.0) < 1e-9 and not got["sst2_within_0.5_points"]
+  assert abs(got["sst2_cls_row_points_below_dense"] - 0.2) < 1e-9
+  assert got["sst2_cls_row_within_0.5_points"]
+  assert perforation.goals(*records())["sst2_cls_row_within_0.5_points"] is None
+
+
+def test_sst2_cls_row_run_keeps_query_block_0_whole():
+  budget = perforation.BUDGETS["smoke"]
+  cfg = perforation.sst2_config(True, budget, "", cls_row=True)
+  assert cfg.perforation.keep_cls_row
+  assert not perforation.sst2_config(True, budget, "").perforation.keep_cls_row
+
+
 def test_sweep_plot_is_written(tmp_path):
   _, quality = records()
   perforation.sweep_plot(quality, str(tmp_path / "sweep.png"))
@@ -204,6 +221,9 @@ def test_real_tile_sparsity_counts_only_tiles_of_real_blocks():
   hard[0, 1, 0, [0, 1, 2], [2, 2, 1]] = False
   got = perforation.real_tile_sparsity(hard, np.array([20, 40]), 16)
   np.testing.assert_allclose(got, [0.25, 1 / 3])
+  # A padding example of the evaluation batch (no real token) is NaN, not a warning.
+  got = perforation.real_tile_sparsity(hard, np.array([20, 0]), 16)
+  assert got[0] == 0.25 and np.isnan(got[1])
 
 
 def test_sst2_length_plot_is_drawn_from_records_that_have_lengths(tmp_path):
@@ -212,10 +232,12 @@ def test_sst2_length_plot_is_drawn_from_records_that_have_lengths(tmp_path):
                for split in ("valid", "dev")}
   quality = [dict(run="sst2_dense", task="sst2", seed=0, by_length=by_length),
              dict(run="sst2_perforated_50", task="sst2", seed=0, by_length=by_length),
+             dict(run="sst2_perforated_50_cls_row", task="sst2", seed=0,
+                  by_length=by_length),
              dict(run="mlm_dense", task="mlm", seed=0)]
   assert perforation.sst2_length_plot(quality, str(tmp_path / "lengths.png"))
   assert (tmp_path / "lengths.png").stat().st_size > 1000
-  assert not perforation.sst2_length_plot(quality[2:], str(tmp_path / "none.png"))
+  assert not perforation.sst2_length_plot(quality[3:], str(tmp_path / "none.png"))
   assert not (tmp_path / "none.png").exists()
 
 
